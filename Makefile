@@ -1,0 +1,44 @@
+# One entry point for people and CI: install, demo, test, lint, bench.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+DATA ?= ../shared/data/ml-100k
+RUN ?= runs/ml-100k
+PRESET ?= small
+
+.PHONY: install demo test test-fast lint bench clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+install: $(STAMP)  ## create .venv and install the project (editable) with its pinned dependencies
+
+$(STAMP): pyproject.toml
+	$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: install  ## ml-100k end to end: prepare -> tokenize -> train (small) -> evaluate; reuses finished stages
+	$(BIN)/onerec prepare --source movielens --path $(DATA) --out $(RUN) --reuse
+	$(BIN)/onerec tokenize --run $(RUN) --reuse
+	$(BIN)/onerec train --run $(RUN) --preset $(PRESET) --reuse
+	$(BIN)/onerec evaluate --run $(RUN)
+
+test: install  ## the whole test suite, integration and slow tests included
+	$(BIN)/python -m pytest
+
+test-fast: install  ## unit tests only
+	$(BIN)/python -m pytest -m 'not integration and not slow'
+
+lint: install  ## ruff
+	$(BIN)/ruff check .
+
+bench: install  ## benchmarks (results go to docs/PERFORMANCE.md by hand, with the command and machine)
+	$(BIN)/python benchmarks/tokenizer_scale.py
+
+clean:  ## remove the venv and generated runs
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

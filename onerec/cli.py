@@ -1,0 +1,302 @@
+"""The `onerec` command line: prepare -> tokenize -> train -> evaluate, each writing into one run directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Callable
+from enum import Enum
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from onerec.config import DataConfig, TokenizerConfig, from_dict, get_preset, save_json, to_dict
+from onerec.errors import UsageError
+from onerec.runs import RunDir, staging_dir
+
+app = typer.Typer(
+    help="OneRec-style generative recommendation: build a run directory stage by stage.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+log = logging.getLogger("onerec")
+
+RunOption = Annotated[Path, typer.Option("--run", help="Run directory written by `onerec prepare`.")]
+ReuseOption = Annotated[bool, typer.Option("--reuse", help="Do nothing if this stage already completed.")]
+
+
+class Source(str, Enum):
+    movielens = "movielens"
+    synthetic = "synthetic"
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn UsageError (bad file, option or run directory) into one line on stderr and exit code 2."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UsageError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    """Logs go to stderr; machine-readable output (--json) goes to stdout."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+# --- prepare ----------------------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def prepare(
+    out: Annotated[Path, typer.Option("--out", help="Run directory to create.")],
+    source: Annotated[Source, typer.Option(help="Where interactions come from.")] = Source.movielens,
+    path: Annotated[Path | None, typer.Option(help="MovieLens directory or ratings file.")] = None,
+    preset: Annotated[str, typer.Option(help="Preset whose data settings to use (tiny, small, paper).")] = "small",
+    users: Annotated[int, typer.Option(help="Synthetic: number of users.")] = 2000,
+    items: Annotated[int, typer.Option(help="Synthetic: number of items.")] = 5000,
+    seed: Annotated[int, typer.Option(help="Synthetic: random seed.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing run directory.")] = False,
+    reuse: ReuseOption = False,
+) -> None:
+    """Read interactions, build sessions (history <= 256 positives, target = next 5) and the time split."""
+    from onerec.data.movielens import load_movielens
+    from onerec.data.sessions import build_sessions
+    from onerec.data.synthetic import SyntheticConfig, generate
+
+    run = RunDir(out)
+    if run.is_complete("prepare") and reuse:
+        log.info("prepare: reusing %s", out)
+        return
+    if out.exists() and not force:
+        raise UsageError(f"--out: {out} already exists; pass --force to replace it or --reuse to keep it")
+    data_cfg = get_preset(preset).data
+    if source is Source.movielens:
+        if path is None:
+            raise UsageError("--path: required with --source movielens")
+        interactions = load_movielens(path)
+        origin: dict[str, Any] = {"source": "movielens", "path": str(path.resolve())}
+    else:
+        synth = SyntheticConfig(users=users, items=items, seed=seed)
+        interactions = generate(synth).interactions
+        origin = {"source": "synthetic", "synthetic": dataclasses.asdict(synth)}
+    split = build_sessions(interactions, data_cfg)
+    if len(split.test) == 0:
+        raise UsageError(f"--path: {path} yields no test sessions (too few positive interactions per user)")
+    with staging_dir(out) as tmp:
+        staged = RunDir(tmp)
+        staged.data.mkdir()
+        interactions.save(staged.interactions)
+        split.train_interactions.save(staged.train_interactions)
+        for name in ("train", "val", "test"):
+            getattr(split, name).save(staged.sessions(name))
+        stats = {
+            "interactions": len(interactions),
+            "users": int(np.unique(interactions.users).size),
+            "items": int(np.unique(interactions.items).size),
+            "sessions": {name: len(getattr(split, name)) for name in ("train", "val", "test")},
+        }
+        staged.complete("prepare", {**origin, "data": to_dict(data_cfg), "stats": stats})
+    log.info("prepare: %s -> %s %s", origin["source"], out, json.dumps(stats["sessions"]))
+
+
+# --- tokenize ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def tokenize(
+    run_dir: RunOption,
+    preset: Annotated[str, typer.Option(help="Preset whose tokenizer settings are the defaults.")] = "small",
+    codes: Annotated[int | None, typer.Option(help="K codes per level (default: the preset's).")] = None,
+    levels: Annotated[int | None, typer.Option(help="L levels (default: the preset's).")] = None,
+    iters: Annotated[int | None, typer.Option(help="k-means iterations per level.")] = None,
+    embeddings: Annotated[Path | None, typer.Option(help="External item embeddings (.npy, N x d).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    reuse: ReuseOption = False,
+) -> None:
+    """Embed items (PPMI-SVD by default), balanced residual k-means -> SIDs, and write the catalog."""
+    from onerec.data.embeddings import load_embeddings, ppmi_svd_embeddings
+    from onerec.data.interactions import Interactions
+    from onerec.tokenizer.catalog import Catalog
+    from onerec.tokenizer.residual import residual_quantize
+
+    run = RunDir(run_dir)
+    run.require("prepare")
+    if run.is_complete("tokenize") and reuse:
+        log.info("tokenize: reusing %s", run.catalog)
+        return
+    base = get_preset(preset).tokenizer
+    overrides = {"codes": codes, "levels": levels, "iters": iters, "device": device}
+    cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    _check_tokenizer(cfg)
+    all_interactions = Interactions.load(run.interactions)
+    train_interactions = Interactions.load(run.train_interactions)
+    video_ids = np.unique(all_interactions.items)  # (N,) every item seen, ascending
+    if len(video_ids) == 0:
+        raise UsageError(f"{run.interactions}: empty catalog (no items)")
+    if cfg.codes > len(video_ids):
+        raise UsageError(f"--codes: K={cfg.codes} is larger than the item count N={len(video_ids)}")
+    run.invalidate_from("tokenize")
+    if embeddings is not None:
+        vectors = load_embeddings(embeddings, len(video_ids))
+    else:
+        vectors = ppmi_svd_embeddings(train_interactions, video_ids, cfg.embedding_dim, seed=cfg.seed)
+    np.save(run.embeddings, vectors)
+    result = residual_quantize(vectors, cfg)
+    popularity = _counts(train_interactions.items, video_ids)
+    catalog = Catalog.build(video_ids, result.sids, popularity, cfg.codes)
+    catalog.save(run.catalog)
+    run.complete("tokenize", {"tokenizer": to_dict(cfg), "report": result.report,
+                              "embeddings": str(embeddings) if embeddings else "ppmi-svd",
+                              "content_hash": catalog.content_hash})
+    log.info("tokenize: %d items -> %d SIDs (collision rate %.4f), catalog %s", len(video_ids),
+             catalog.num_leaves, result.report["collision_rate"], catalog.content_hash[:12])
+
+
+def _check_tokenizer(cfg: TokenizerConfig) -> None:
+    if cfg.codes < 2:
+        raise UsageError(f"--codes: must be >= 2, got {cfg.codes}")
+    if cfg.levels < 1:
+        raise UsageError(f"--levels: must be >= 1, got {cfg.levels}")
+    if cfg.iters < 1:
+        raise UsageError(f"--iters: must be >= 1, got {cfg.iters}")
+
+
+def _counts(items: np.ndarray, video_ids: np.ndarray) -> np.ndarray:
+    """Occurrences of each of `video_ids` (ascending) in `items`."""
+    counts = np.zeros(len(video_ids), dtype=np.int64)
+    rows = np.searchsorted(video_ids, items)
+    ok = (rows < len(video_ids)) & (video_ids[np.minimum(rows, len(video_ids) - 1)] == items)
+    np.add.at(counts, rows[ok], 1)
+    return counts
+
+
+# --- train ------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def train(
+    run_dir: RunOption,
+    preset: Annotated[str, typer.Option(help="Model and training preset: tiny, small or paper.")] = "small",
+    epochs: Annotated[int | None, typer.Option(help="Override the preset's epochs.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Override the preset's learning rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Override the preset's batch size.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the preset's seed.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from checkpoints/last.")] = False,
+    reuse: ReuseOption = False,
+) -> None:
+    """Next-token training on the train sessions; keeps the best model by validation loss in RUN/model."""
+    from onerec.data.sessions import Sessions
+    from onerec.tokenizer.catalog import Catalog
+    from onerec.train.ntp import SidSessions
+    from onerec.train.ntp import train as train_model
+
+    run = RunDir(run_dir)
+    run.require("tokenize")
+    if run.is_complete("train") and reuse:
+        log.info("train: reusing %s", run.model)
+        return
+    chosen = get_preset(preset)
+    overrides = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "device": device}
+    train_cfg = dataclasses.replace(chosen.train, **{k: v for k, v in overrides.items() if v is not None})
+    if train_cfg.epochs < 1 or train_cfg.batch_size < 1 or train_cfg.lr <= 0:
+        raise UsageError("--epochs/--batch-size/--lr: must be positive")
+    data_cfg = from_dict(DataConfig, run.read_marker("prepare")["data"])
+    chosen = dataclasses.replace(chosen, train=train_cfg, data=data_cfg)
+    catalog = Catalog.load(run.catalog)
+    history_len = chosen.model.history_len
+    train_data = SidSessions.from_sessions(Sessions.load(run.sessions("train")), catalog, history_len)
+    val_data = SidSessions.from_sessions(Sessions.load(run.sessions("val")), catalog, history_len)
+    run.invalidate_from("train")
+    if not resume:
+        shutil.rmtree(run.checkpoint, ignore_errors=True)
+    result = train_model(chosen, catalog, train_data, val_data, run.checkpoint, run.model, resume=resume,
+                         progress=_progress())
+    run.complete("train", {"preset": chosen.name, "train": to_dict(train_cfg), "best_epoch": result.best_epoch,
+                           "best_val_loss": result.best_val_loss, "history": result.history,
+                           "seconds": round(result.seconds, 1), "catalog_hash": catalog.content_hash})
+    log.info("train: best epoch %d val_loss %.4f in %.0fs -> %s", result.best_epoch, result.best_val_loss,
+             result.seconds, run.model)
+
+
+# --- evaluate ---------------------------------------------------------------------------------------------
+
+
+class Split(str, Enum):
+    test = "test"
+    val = "val"
+
+
+@app.command()
+@user_errors
+def evaluate(
+    run_dir: RunOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    split: Annotated[Split, typer.Option(help="Held-out split to score.")] = Split.test,
+    checkpoint: Annotated[Path | None, typer.Option(help="Model directory (default RUN/model).")] = None,
+    beam_width: Annotated[int | None, typer.Option(help="Beam width (default: the trained preset's).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Score only the first N users.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Recall@5 / NDCG@5 of generated sessions vs the held-out targets, beside a most-popular baseline."""
+    from onerec.data.sessions import Sessions
+    from onerec.eval import evaluate as run_eval
+    from onerec.model.onerec import load_model
+    from onerec.tokenizer.catalog import Catalog
+    from onerec.train.ntp import resolve_device
+
+    run = RunDir(run_dir)
+    run.require("train")
+    trained = run.read_marker("train")
+    beam = get_preset(trained["preset"]).beam
+    if beam_width is not None:
+        if not 1 <= beam_width <= 1024:
+            raise UsageError(f"--beam-width: must be in [1, 1024], got {beam_width}")
+        beam = dataclasses.replace(beam, beam_width=beam_width)
+    catalog = Catalog.load(run.catalog)
+    if trained.get("catalog_hash") != catalog.content_hash:
+        raise UsageError(f"{run.catalog}: catalog hash differs from the one the model was trained on")
+    dev = resolve_device(device)
+    model = load_model(checkpoint or run.model, device=str(dev))
+    result = run_eval(model, catalog, Sessions.load(run.sessions(split.value)), beam, limit=limit, device=dev,
+                      progress=_progress())
+    payload = result.as_json()
+    save_json(run.eval, {**payload, "split": split.value, "beam_width": beam.beam_width,
+                         "seconds": round(result.seconds, 1)})
+    if as_json:
+        typer.echo(json.dumps(payload))
+        return
+    typer.echo(f"{split.value} users: {result.users}   beam width: {beam.beam_width}   ({result.seconds:.0f}s)")
+    typer.echo(f"{'':10}{'recall@5':>10}{'ndcg@5':>10}")
+    typer.echo(f"{'model':10}{result.model_recall:>10.4f}{result.model_ndcg:>10.4f}")
+    typer.echo(f"{'popular':10}{result.popular_recall:>10.4f}{result.popular_ndcg:>10.4f}")
+    typer.echo(f"valid SID rate: {result.valid_sid_rate:.4f}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,157 @@
+"""Typed dataclass configs for every stage and the named presets `tiny`, `small`, `paper`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from onerec.errors import UsageError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How interactions become sessions (paper: history of positives, target = next m positives)."""
+
+    session_len: int = 5  # m: items per target session
+    history_len: int = 256  # n: most recent positives kept as history
+    min_history: int = 1  # a target needs at least this many positives before it
+    positive_rating: float = 4.0  # MovieLens: rating >= this is a positive interaction
+    train_stride: int = 5  # step between consecutive training targets (5 = non-overlapping)
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """Balanced residual k-means: L levels x K codes."""
+
+    levels: int = 3  # L
+    codes: int = 32  # K per level
+    iters: int = 25  # Lloyd iterations per level
+    embedding_dim: int = 64  # collaborative (PPMI-SVD) item embedding size
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Encoder-decoder shapes. `levels`/`codes` must match the catalog the model is trained on."""
+
+    levels: int = 3  # L
+    codes: int = 32  # K codes per level (vocabulary of each output head)
+    history_len: int = 256  # n: encoder positions (one per history item)
+    session_len: int = 5  # m: items generated per session
+    d_model: int = 128
+    n_heads: int = 4
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    d_ff: int = 256  # encoder FFN and per-expert hidden size
+    n_experts: int = 8  # decoder MoE experts
+    top_k: int = 2  # experts per token
+    dropout: float = 0.1
+    aux_loss_coef: float = 0.01  # MoE load-balancing loss weight
+
+    @property
+    def decoder_len(self) -> int:
+        """Decoder positions: [BOS, s1, .., sL] per item, m items."""
+        return self.session_len * (self.levels + 1)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Next-token training recipe."""
+
+    lr: float = 2e-4  # paper
+    warmup_steps: int = 200
+    batch_size: int = 64
+    epochs: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    num_threads: int = 0  # 0 = torch default
+
+
+@dataclass(frozen=True)
+class BeamConfig:
+    """Beam search settings shared by evaluation, export and serving."""
+
+    beam_width: int = 128
+    num_sessions: int = 16  # R best sessions returned
+    exclude_history: bool = True
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One named bundle of every stage's config."""
+
+    name: str
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    beam: BeamConfig = field(default_factory=BeamConfig)
+
+
+PRESETS: dict[str, Preset] = {
+    # What unit tests use: seconds on a CPU.
+    "tiny": Preset(
+        name="tiny",
+        data=DataConfig(history_len=32),
+        tokenizer=TokenizerConfig(codes=8, iters=10, embedding_dim=16),
+        model=ModelConfig(
+            codes=8, history_len=32, d_model=32, n_heads=2, encoder_layers=1, decoder_layers=1,
+            d_ff=64, n_experts=4, top_k=2, dropout=0.0,
+        ),
+        train=TrainConfig(lr=3e-3, warmup_steps=10, batch_size=32, epochs=3),
+        beam=BeamConfig(beam_width=16, num_sessions=4),
+    ),
+    # What the CPU demo trains on ml-100k.
+    "small": Preset(name="small"),
+    # The paper's shapes (OneRec, Kuaishou): K=8192, L=3, 24 experts top-2, history 256, session 5.
+    "paper": Preset(
+        name="paper",
+        tokenizer=TokenizerConfig(codes=8192, iters=25, embedding_dim=64),
+        model=ModelConfig(
+            codes=8192, d_model=1024, n_heads=16, encoder_layers=6, decoder_layers=6,
+            d_ff=4096, n_experts=24, top_k=2, dropout=0.1,
+        ),
+        train=TrainConfig(lr=2e-4, warmup_steps=2000, batch_size=256, epochs=1),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name`, or a UsageError naming the known ones."""
+    if name not in PRESETS:
+        raise UsageError(f"--preset: unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+T = TypeVar("T")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as a JSON-ready dict."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild a flat config dataclass from `to_dict` output, rejecting unknown keys."""
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+    return cls(**data)
+
+
+def save_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON atomically (tmp file + rename) so readers never see half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)

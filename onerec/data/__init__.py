@@ -1,0 +1,1 @@
+"""Interaction sources, session building and item embeddings."""

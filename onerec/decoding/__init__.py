@@ -1,0 +1,1 @@
+"""Pure, trie-constrained beam search over a step function."""

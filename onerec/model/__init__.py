@@ -1,0 +1,1 @@
+"""The OneRec encoder-decoder: layers, sparse MoE, `encode` and `decode_step`."""

@@ -1,0 +1,74 @@
+"""Batched session generation: encode each history once, then trie-constrained beam search over `decode_step`.
+
+Legend: B requests, N history positions, L levels, W beams, K codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from onerec.config import BeamConfig
+from onerec.decoding.beam import BeamResult, beam_search
+from onerec.model.onerec import DecodeState, OneRecModel
+from onerec.tokenizer.trie import PrefixTrie
+
+
+def pad_histories(histories: Sequence[np.ndarray], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SID histories [(n_i, L)] (most recent first) -> padded (B, N, L) long and mask (B, N) bool.
+
+    Histories longer than `max_len` keep their `max_len` most recent items; N = the longest kept length.
+    """
+    if not histories:
+        raise ValueError("pad_histories needs at least one history")
+    lengths = [min(len(h), max_len) for h in histories]
+    if min(lengths) < 1:
+        raise ValueError("every history needs at least one known item (cold-start users are served elsewhere)")
+    levels = np.asarray(histories[0]).reshape(len(histories[0]), -1).shape[1]
+    n = max(lengths)
+    padded = np.zeros((len(histories), n, levels), dtype=np.int64)  # (B, N, L)
+    mask = np.zeros((len(histories), n), dtype=bool)  # (B, N)
+    for row, (hist, length) in enumerate(zip(histories, lengths, strict=True)):
+        padded[row, :length] = np.asarray(hist)[:length]
+        mask[row, :length] = True
+    return torch.from_numpy(padded), torch.from_numpy(mask)
+
+
+class ModelStep:
+    """The beam search's step function over `OneRecModel.decode_step`; owns the decode state."""
+
+    def __init__(self, model: OneRecModel, state: DecodeState) -> None:
+        self.model = model
+        self.state = state
+
+    def __call__(self, tokens: torch.Tensor, beam_idx: torch.Tensor) -> torch.Tensor:
+        logits, self.state = self.model.decode_step(tokens, self.state, beam_idx)  # (B, W, K)
+        return logits
+
+
+@torch.inference_mode()
+def generate(
+    model: OneRecModel,
+    trie: PrefixTrie,
+    histories: Sequence[np.ndarray],
+    beam: BeamConfig,
+    exclude: Sequence[np.ndarray] | None = None,
+    device: str | torch.device = "cpu",
+) -> BeamResult:
+    """Best `beam.num_sessions` sessions per history; `exclude[b]` are leaf ids banned for request b."""
+    history, mask = pad_histories(histories, model.cfg.history_len)
+    history, mask = history.to(device), mask.to(device)
+    memory = model.encode(history, mask)  # (B, N, D)
+    state = model.init_state(memory, mask, beam.beam_width)  # cross K/V once per request
+    return beam_search(
+        ModelStep(model, state),
+        trie,
+        batch=len(histories),
+        session_len=model.cfg.session_len,
+        beam_width=beam.beam_width,
+        num_sessions=beam.num_sessions,
+        exclude=exclude if beam.exclude_history else None,
+        device=device,
+    )

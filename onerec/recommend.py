@@ -1,0 +1,55 @@
+"""From generated sessions to the videos a user is shown: inverted-index lookup, dedup, backfill."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from onerec.tokenizer.catalog import Catalog
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    video_ids: list[int]  # exactly k distinct videos
+    from_model: int  # how many came from the best generated session
+    backfilled: int  # how many came from later sessions or popularity
+
+
+def sessions_to_videos(
+    catalog: Catalog, sessions_leaves: np.ndarray, exclude: Iterable[int] = (), k: int = 5
+) -> Recommendation:
+    """`k` distinct videos from generated sessions (R, m) of leaf ids, best session first (-1 = missing).
+
+    Each leaf maps to the first video of its inverted-index row (tie-break: popularity desc, video id asc)
+    that is neither excluded nor already chosen; a SID shared by several videos thus yields its most popular
+    unseen one. The best session fills the list first, then the following sessions, then the most popular
+    catalog videos, so the answer always holds `k` videos while the catalog has them.
+    """
+    banned = set(int(v) for v in exclude)
+    chosen: list[int] = []
+    from_model = 0
+    for rank, session in enumerate(np.asarray(sessions_leaves).reshape(len(sessions_leaves), -1)):
+        for leaf in session:
+            if len(chosen) == k:
+                break
+            if leaf < 0:
+                continue
+            video = _first_unused(catalog.videos_of_leaf(int(leaf)), banned)
+            if video is not None:
+                chosen.append(video)
+                banned.add(video)
+                from_model += rank == 0
+        if len(chosen) == k:
+            break
+    if len(chosen) < k:
+        chosen.extend(int(v) for v in catalog.most_popular(k - len(chosen), exclude=banned))
+    return Recommendation(video_ids=chosen, from_model=from_model, backfilled=len(chosen) - from_model)
+
+
+def _first_unused(videos: np.ndarray, banned: set[int]) -> int | None:
+    for video in videos:
+        if int(video) not in banned:
+            return int(video)
+    return None

@@ -1,0 +1,1 @@
+"""Balanced residual k-means semantic-ID tokenizer and the catalog it writes."""

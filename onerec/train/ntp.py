@@ -1,0 +1,255 @@
+"""Next-token training of the encoder-decoder on target sessions: batching, the loop, checkpoints, resume.
+
+Legend: S sessions, B batch, N history positions, m items per session, L levels, K codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from onerec.config import ModelConfig, Preset, TrainConfig, save_json, to_dict
+from onerec.data.sessions import Sessions
+from onerec.errors import UsageError
+from onerec.model.generate import pad_histories
+from onerec.model.onerec import OneRecModel, load_model, save_model
+from onerec.tokenizer.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when it is really there, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device: {name} requested but CUDA is not available")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class SidSessions:
+    """Sessions translated to SIDs, ready for batching. Unknown history videos are dropped."""
+
+    history: np.ndarray  # (H, L) int64, each session's history most recent first, concatenated
+    offsets: np.ndarray  # (S+1,) int64
+    targets: np.ndarray  # (S, m, L) int64
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def from_sessions(cls, sessions: Sessions, catalog: Catalog, history_len: int) -> SidSessions:
+        """Keep sessions whose 5 targets are catalog items and whose history has >= 1 known item."""
+        hist_sids = catalog.sids_of(sessions.history)  # (H, L), -1 rows for unknown videos
+        known = hist_sids[:, 0] >= 0
+        target_sids = catalog.sids_of(sessions.targets.reshape(-1)).reshape(len(sessions), -1, catalog.levels)
+        rows, offsets, chunks = [], [0], []
+        for i in range(len(sessions)):
+            lo, hi = sessions.history_offsets[i], sessions.history_offsets[i + 1]
+            h = hist_sids[lo:hi][known[lo:hi]][:history_len]
+            if len(h) == 0 or (target_sids[i] < 0).any():
+                continue
+            rows.append(i)
+            chunks.append(h)
+            offsets.append(offsets[-1] + len(h))
+        levels = catalog.levels
+        history = np.concatenate(chunks) if chunks else np.zeros((0, levels), dtype=np.int64)
+        return cls(history=history, offsets=np.asarray(offsets, dtype=np.int64), targets=target_sids[rows])
+
+    def histories(self, idx: np.ndarray) -> list[np.ndarray]:
+        return [self.history[self.offsets[i] : self.offsets[i + 1]] for i in idx]
+
+    def batch(self, idx: np.ndarray, history_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """history (B, N, L), mask (B, N), targets (B, m, L) for the sessions `idx`."""
+        history, mask = pad_histories(self.histories(idx), history_len)
+        return history, mask, torch.from_numpy(self.targets[idx])
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled batches of similar history length (less padding), in shuffled order."""
+    order = rng.permutation(len(lengths))
+    chunk = batch_size * 32
+    batches: list[np.ndarray] = []
+    for start in range(0, len(order), chunk):
+        part = order[start : start + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to 10% of it."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def session_loss(model: OneRecModel, history, mask, targets) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token cross-entropy over the m*L code positions, and the MoE auxiliary loss."""
+    out = model(history, mask, targets)  # logits (B, m, L, K)
+    ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), targets.reshape(-1))
+    return ce, out.aux_loss
+
+
+@torch.no_grad()
+def evaluate_loss(model: OneRecModel, data: SidSessions, batch_size: int, device: torch.device) -> float:
+    """Mean cross-entropy over `data` (no dropout)."""
+    if len(data) == 0:
+        return float("nan")
+    model.eval()
+    total, count = 0.0, 0
+    order = np.argsort(data.lengths, kind="stable")
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        history, mask, targets = (t.to(device) for t in data.batch(idx, model.cfg.history_len))
+        ce, _ = session_loss(model, history, mask, targets)
+        total += float(ce) * len(idx)
+        count += len(idx)
+    return total / count
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(directory: Path, model: OneRecModel, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Model + optimizer (safetensors) + progress (JSON); the progress file is written last."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(model, directory)
+    opt = optimizer.state_dict()
+    tensors = {
+        f"{pid}.{name}": value.detach().cpu().contiguous()
+        for pid, slots in opt["state"].items()
+        for name, value in slots.items()
+        if torch.is_tensor(value)
+    }
+    save_file(tensors, str(directory / "optimizer.safetensors"))
+    save_json(directory / "optimizer.json", {"param_groups": opt["param_groups"]})
+    save_json(directory / "progress.json", state)
+
+
+def load_checkpoint(directory: Path, device: torch.device) -> tuple[OneRecModel, dict, dict]:
+    """(model, optimizer state_dict, progress) from `save_checkpoint`; UsageError naming a corrupt file."""
+    progress_path = directory / "progress.json"
+    if not progress_path.is_file():
+        raise UsageError(f"--resume: no checkpoint at {directory}")
+    model = load_model(directory, device=str(device))
+    try:
+        progress = json.loads(progress_path.read_text())
+        groups = json.loads((directory / "optimizer.json").read_text())["param_groups"]
+        flat = load_file(str(directory / "optimizer.safetensors"), device=str(device))
+    except Exception as exc:  # noqa: BLE001 - any failure here means a corrupt checkpoint
+        raise UsageError(f"{directory}: corrupt checkpoint ({exc})") from exc
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value.cpu() if name == "step" else value
+    return model, {"state": state, "param_groups": groups}, progress
+
+
+# --- the loop ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    best_val_loss: float
+    best_epoch: int
+    history: list[dict[str, Any]]
+    seconds: float
+
+
+def model_config_for(preset: Preset, catalog: Catalog) -> ModelConfig:
+    """The preset's model shapes with the catalog's L and K and the data's session length."""
+    return dataclasses.replace(
+        preset.model, levels=catalog.levels, codes=catalog.num_codes, session_len=preset.data.session_len
+    )
+
+
+def train(
+    preset: Preset,
+    catalog: Catalog,
+    train_data: SidSessions,
+    val_data: SidSessions,
+    checkpoint_dir: Path,
+    best_dir: Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train with Adam on next-token CE + aux; checkpoint each epoch; keep the best-validation model."""
+    cfg = preset.train
+    if len(train_data) == 0:
+        raise UsageError("no training sessions: the data has too few positives per user")
+    device = resolve_device(cfg.device)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    if resume:
+        model, opt_state, state = load_checkpoint(checkpoint_dir, device)
+        if state.get("train") != to_dict(cfg):
+            raise UsageError(f"--resume: checkpoint {checkpoint_dir} was trained with another config; drop --resume")
+    else:
+        model, opt_state = OneRecModel(model_config_for(preset, catalog)).to(device), None
+        state = {"epoch": 0, "step": 0, "best_val_loss": float("inf"), "best_epoch": -1, "history": []}
+        state["train"] = to_dict(cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if opt_state is not None:
+        optimizer.load_state_dict(opt_state)
+    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    log.info("training %d sessions (%d val) for %d epochs on %s", len(train_data), len(val_data), cfg.epochs, device)
+    started = time.time()
+    for epoch in range(state["epoch"], cfg.epochs):
+        rng = np.random.default_rng([cfg.seed, epoch])
+        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout stream per epoch: resume reproduces it
+        model.train()
+        losses, auxes = [], []
+        bar = tqdm(epoch_batches(train_data.lengths, cfg.batch_size, rng), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress, leave=False)
+        for idx in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(state["step"], total_steps, cfg)
+            history, mask, targets = (t.to(device) for t in train_data.batch(idx, model.cfg.history_len))
+            ce, aux = session_loss(model, history, mask, targets)
+            loss = ce + model.cfg.aux_loss_coef * aux
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            state["step"] += 1
+            losses.append(float(ce))
+            auxes.append(float(aux))
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        val_loss = evaluate_loss(model, val_data, cfg.batch_size * 2, device)
+        record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "aux_loss": float(np.mean(auxes)),
+                  "val_loss": val_loss, "seconds": round(time.time() - started, 1)}
+        state["history"].append(record)
+        log.info("epoch %d/%d train_loss %.4f val_loss %.4f", epoch + 1, cfg.epochs, record["train_loss"], val_loss)
+        state["epoch"] = epoch + 1
+        if not val_loss >= state["best_val_loss"]:  # also true when there is no validation data (nan)
+            state["best_val_loss"], state["best_epoch"] = val_loss, epoch + 1
+            save_model(model, best_dir)
+        save_checkpoint(checkpoint_dir, model, optimizer, state)
+    return TrainResult(
+        best_val_loss=float(state["best_val_loss"]),
+        best_epoch=int(state["best_epoch"]),
+        history=list(state["history"]),
+        seconds=time.time() - started,
+    )

@@ -102,7 +102,7 @@ PRESETS: dict[str, Preset] = {
     # What unit tests use: seconds on a CPU.
     "tiny": Preset(
         name="tiny",
-        data=DataConfig(history_len=32),
+        data=DataConfig(history_len=32, train_stride=1),
         tokenizer=TokenizerConfig(codes=8, iters=10, embedding_dim=16),
         model=ModelConfig(
             codes=8, history_len=32, d_model=32, n_heads=2, encoder_layers=1, decoder_layers=1,

@@ -28,7 +28,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("prepare", "--source", "synthetic", "--users", "300", "--items", "400", "--preset", "tiny",
          "--out", run),
         ("tokenize", "--run", run, "--preset", "tiny"),
-        ("train", "--run", run, "--preset", "tiny", "--epochs", "2"),
+        ("train", "--run", run, "--preset", "tiny", "--epochs", "3"),
     ]
     for step in steps:
         code, out, err = run_cli(*step)

@@ -234,8 +234,8 @@ def train(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             state["step"] += 1
-            losses.append(float(ce))
-            auxes.append(float(aux))
+            losses.append(ce.item())
+            auxes.append(aux.item())
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
         val_loss = evaluate_loss(model, val_data, cfg.batch_size * 2, device)
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "aux_loss": float(np.mean(auxes)),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -39,17 +40,21 @@ def test_evaluate_json_object(tiny_run: Path):
 
 def test_training_loss_falls_on_synthetic(tiny_run: Path):
     history = read_json(tiny_run / "train.json")["history"]
-    assert len(history) == 2
+    assert len(history) == 3
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     # chance level is ln K per code (K = 8 in the tiny preset); planted structure is learnable
-    assert history[-1]["val_loss"] < 0.9 * __import__("math").log(8)
+    assert history[-1]["val_loss"] < 0.95 * math.log(8)
 
 
 def test_stages_are_marked_complete(tiny_run: Path):
     for stage in ("prepare", "tokenize", "train"):
         assert (tiny_run / f"{stage}.json").is_file()
     report = read_json(tiny_run / "tokenize.json")["report"]
-    assert report["levels"][0]["min_cluster"] >= 400 // 8 - 1 if "levels" in report else True
+    assert len(report["levels"]) == 3
+    for level in report["levels"]:  # 400 items over K=8 codes: balanced means exactly 50 each
+        assert level["min_cluster"] == level["max_cluster"] == 50
+        assert level["utilisation"] == 1.0
+    assert 0.0 <= report["collision_rate"] < 1.0
 
 
 # --- bad input: one line naming the file or option, exit 2, nothing left looking complete ------------

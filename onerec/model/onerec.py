@@ -1,0 +1,275 @@
+"""The OneRec encoder-decoder: `encode`, teacher-forced `forward`, KV-cached `decode_step`, save and load."""
+
+# Shapes: B batch/requests, W beams per request, N history positions, T decoder positions so far, m items
+# per session, D d_model, H heads, hd head dim, E experts, L levels, K codes, layers = decoder layers.
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from onerec.config import ModelConfig, from_dict, save_json, to_dict
+from onerec.errors import UsageError
+from onerec.model.layers import DecoderLayer, EncoderLayer, LevelHeads, padding_bias
+from onerec.model.moe import MoEFeedForward
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model.json"
+INIT_STD = 0.02
+
+
+class DecodeState(NamedTuple):
+    """Everything `decode_step` needs besides the new tokens. All tensors, so it exports as graph I/O."""
+
+    self_k: Tensor  # (layers, B, W, H, T, hd) self-attention key cache (T = positions decoded so far)
+    self_v: Tensor  # (layers, B, W, H, T, hd)
+    cross_k: Tensor  # (layers, B, H, N, hd) once per request from memory, shared by all W beams
+    cross_v: Tensor  # (layers, B, H, N, hd)
+    memory_mask: Tensor  # (B, N) bool, True = real history item
+
+
+class ModelOutput(NamedTuple):
+    """Teacher-forced outputs."""
+
+    logits: Tensor  # (B, m, L, K): logits[b, i, l] predicts the level-l code of item i
+    aux_loss: Tensor  # scalar MoE load-balancing loss, summed over decoder layers (unweighted)
+
+
+class OneRecModel(nn.Module):
+    """Encoder over the history items, MoE decoder over the session tokens, one output head per level.
+
+    Encoder input: history (B, N, L) semantic IDs, most recent first, padded at the end; mask (B, N) bool,
+    True = real item. Every row needs at least one real item (an all-padded row attends to padding only and
+    its outputs are meaningless). Padded entries may hold any value: they are zeroed before the lookup.
+    An item's embedding is sum_l Emb_l[code_l] + PosEmb[n] (n = 0 for the most recent item); the L
+    per-level tables are stored as one (L*K, D) table with level offsets l*K.
+
+    Decoder sequence per session (paper eq. 3): [BOS, s1^1..s1^L, BOS, s2^1, .., sm^L], T = m*(L+1).
+    The input at position p is BOS when p % (L+1) == 0, else the level (p % (L+1)) - 1 code of item
+    p // (L+1). Decoder input tokens use their own table, separate from the encoder's: (L*K + 1, D), row
+    l*K + c = code c at level l, row L*K = the learned BOS vector; plus a learned position embedding over T.
+    The output at p with l = p % (L+1) < L predicts the level-l code of item p // (L+1) with head l; at
+    l == L the next token is the deterministic BOS (no loss) and `decode_step` returns head L-1's
+    logits there, which are meaningless.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        L, K, D = cfg.levels, cfg.codes, cfg.d_model
+        self.bos_id = L * K
+        self.item_emb = nn.Embedding(L * K, D)
+        self.enc_pos = nn.Embedding(cfg.history_len, D)
+        self.encoder = nn.ModuleList(
+            EncoderLayer(D, cfg.n_heads, cfg.d_ff, cfg.dropout) for _ in range(cfg.encoder_layers)
+        )
+        self.enc_norm = nn.LayerNorm(D)
+        self.token_emb = nn.Embedding(L * K + 1, D)
+        self.dec_pos = nn.Embedding(cfg.decoder_len, D)
+        self.decoder = nn.ModuleList(
+            DecoderLayer(D, cfg.n_heads, MoEFeedForward(D, cfg.d_ff, cfg.n_experts, cfg.top_k), cfg.dropout)
+            for _ in range(cfg.decoder_layers)
+        )
+        self.dec_norm = nn.LayerNorm(D)
+        self.heads = LevelHeads(L, D, K)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.register_buffer("level_offsets", torch.arange(L) * K, persistent=False)  # (L,)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, 0.02) for embeddings, linears and heads; zero biases; LayerNorms at identity.
+
+        Uses torch's global RNG: `torch.manual_seed(s)` before construction makes the weights reproducible.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=INIT_STD)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=INIT_STD)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, LevelHeads):
+                nn.init.normal_(module.weight, std=INIT_STD)
+                nn.init.zeros_(module.bias)
+
+    # ---- encoder -------------------------------------------------------------------------------------
+
+    def encode(self, history: Tensor, mask: Tensor) -> Tensor:
+        """history (B, N, L) long, mask (B, N) bool -> memory (B, N, D)."""
+        codes = torch.where(mask.unsqueeze(-1), history, 0) + self.level_offsets  # (B, N, L) table rows
+        positions = torch.arange(history.shape[1], device=history.device)  # (N,)
+        x = self.drop(self.item_emb(codes).sum(dim=-2) + self.enc_pos(positions))  # (B, N, D)
+        bias = padding_bias(mask, x.dtype)  # (B, 1, 1, N)
+        for layer in self.encoder:
+            x = layer(x, bias)
+        return self.enc_norm(x)
+
+    # ---- teacher forcing -----------------------------------------------------------------------------
+
+    def decoder_inputs(self, targets: Tensor) -> Tensor:
+        """targets (B, m, L) codes -> decoder input token ids (B, T=m*(L+1)): [BOS, s^1..s^L] per item."""
+        ids = targets + self.level_offsets  # (B, m, L)
+        bos = torch.full_like(ids[..., :1], self.bos_id)  # (B, m, 1)
+        return torch.cat([bos, ids], dim=-1).flatten(1)  # (B, T)
+
+    def forward(self, history: Tensor, mask: Tensor, targets: Tensor) -> ModelOutput:
+        """Full causal pass: history (B, N, L), mask (B, N), targets (B, m, L) with m <= session_len."""
+        self._check_targets(targets)
+        B, m, L = targets.shape
+        memory = self.encode(history, mask)  # (B, N, D)
+        tokens = self.decoder_inputs(targets)  # (B, T)
+        positions = torch.arange(tokens.shape[1], device=tokens.device)  # (T,)
+        x = self.drop(self.token_emb(tokens) + self.dec_pos(positions))  # (B, T, D)
+        bias = padding_bias(mask, x.dtype)  # (B, 1, 1, N)
+        aux = x.new_zeros(())
+        for layer in self.decoder:
+            mem_k, mem_v = layer.cross_attn.project_kv(memory)  # (B, H, N, hd)
+            x, layer_aux = layer(x, mem_k, mem_v, bias)
+            aux = aux + layer_aux
+        h = self.dec_norm(x).unflatten(1, (m, L + 1))[:, :, :L]  # (B, m, L, D): the predicting positions
+        return ModelOutput(self.heads(h), aux)
+
+    def _check_targets(self, targets: Tensor) -> None:
+        if targets.dim() != 3 or targets.shape[-1] != self.cfg.levels:
+            raise ValueError(f"targets must be (B, m, L={self.cfg.levels}), got {tuple(targets.shape)}")
+        if not 1 <= targets.shape[1] <= self.cfg.session_len:
+            raise ValueError(f"targets hold {targets.shape[1]} items; 1..{self.cfg.session_len} allowed")
+
+    # ---- KV-cached decoding --------------------------------------------------------------------------
+
+    def init_state(self, memory: Tensor, mask: Tensor, beams: int) -> DecodeState:
+        """memory (B, N, D), mask (B, N) -> state with an empty self cache (T=0) for `beams` beams and the
+        cross-attention K/V of every layer, computed once per request (no beam dimension)."""
+        B = memory.shape[0]
+        kv = [layer.cross_attn.project_kv(memory) for layer in self.decoder]  # layers x (B, H, N, hd)
+        shape = (len(self.decoder), B, beams, self.cfg.n_heads, 0, self.cfg.head_dim)
+        return DecodeState(
+            self_k=memory.new_zeros(shape),
+            self_v=memory.new_zeros(shape),
+            cross_k=torch.stack([k for k, _ in kv]),
+            cross_v=torch.stack([v for _, v in kv]),
+            memory_mask=mask,
+        )
+
+    def step_token_ids(self, tokens: Tensor, position: Tensor) -> Tensor:
+        """tokens (B, W) codes at decoder position `position` (1,) -> token table rows (B, W).
+
+        BOS positions ignore `tokens` (any value is fine there); elsewhere the code is offset by its level.
+        """
+        level_in = position % (self.cfg.levels + 1)  # (1,) 0 = BOS, l+1 = level-l code
+        ids = (level_in - 1) * self.cfg.codes + tokens  # (B, W)
+        return torch.where(level_in == 0, torch.full_like(tokens, self.bos_id), ids)
+
+    def decode_step(
+        self, tokens: Tensor, state: DecodeState, beam_idx: Tensor | None = None
+    ) -> tuple[Tensor, DecodeState]:
+        """Decode position p = T (the self cache length) for every beam.
+
+        tokens (B, W) long: the input at position p (ignored at BOS positions). beam_idx (B, W) long or None:
+        new beam w continues parent beam beam_idx[b, w] (parents index the cache's beams, so W may also
+        grow, e.g. 1 -> W after the first step); the self cache is gathered by it before appending. Returns
+        logits (B, W, K) predicting position p+1 (head p % (L+1); meaningless when that is L) and the state
+        with T+1. No Python branching on data: the position comes from the cache's shape and the head and
+        input-token table rows are picked by tensor ops, so one traced graph serves every position.
+        """
+        self_k, self_v = state.self_k, state.self_v
+        if beam_idx is not None:
+            self_k, self_v = reorder_cache(self_k, beam_idx), reorder_cache(self_v, beam_idx)
+        T = self_k.shape[-2]
+        position = torch.arange(T, T + 1, device=tokens.device)  # (1,)
+        x = self.token_emb(self.step_token_ids(tokens, position)) + self.dec_pos(position)  # (B, W, D)
+        x = self.drop(x)
+        bias = padding_bias(state.memory_mask, x.dtype)  # (B, 1, 1, N)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.decoder):
+            x, k, v = layer.step(x, self_k[i], self_v[i], state.cross_k[i], state.cross_v[i], bias)
+            new_k.append(k)  # (B, W, H, T+1, hd)
+            new_v.append(v)
+        head = (position % (self.cfg.levels + 1)).clamp(max=self.cfg.levels - 1)  # (1,)
+        logits = self.heads.select(self.dec_norm(x), head)  # (B, W, K)
+        new_state = DecodeState(
+            torch.stack(new_k), torch.stack(new_v), state.cross_k, state.cross_v, state.memory_mask
+        )
+        return logits, new_state
+
+
+def reorder_cache(cache: Tensor, beam_idx: Tensor) -> Tensor:
+    """cache (layers, B, W, H, T, hd), beam_idx (B, W') parents in [0, W) -> (layers, B, W', H, T, hd)."""
+    B, W_new = beam_idx.shape
+    W = cache.shape[2]
+    offsets = torch.arange(B, device=beam_idx.device).unsqueeze(1) * W  # (B, 1)
+    flat = (beam_idx + offsets).reshape(-1)  # (B*W',) rows of the (B*W) flattened beams
+    out = cache.flatten(1, 2).index_select(1, flat)  # (layers, B*W', H, T, hd)
+    return out.reshape(cache.shape[0], B, W_new, cache.shape[3], cache.shape[4], cache.shape[5])
+
+
+def count_parameters(model: OneRecModel) -> dict[str, int]:
+    """Parameter counts for logs: `total`, and `active_per_token` = total minus the (E - top_k) experts a
+    decoder token does not run, per MoE layer (embedding tables count in full)."""
+    total = sum(p.numel() for p in model.parameters())
+    moes = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    inactive = sum((m.n_experts - m.top_k) * m.expert_parameters() for m in moes)
+    return {"total": total, "active_per_token": total - inactive}
+
+
+# ---- persistence -------------------------------------------------------------------------------------
+
+
+def save_model(model: OneRecModel, directory: str | Path) -> Path:
+    """Write `model.safetensors` (weights) and `model.json` (the ModelConfig) into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    tmp = directory / (WEIGHTS_FILE + ".tmp")
+    save_file(weights, str(tmp), metadata={"format": "pt"})
+    tmp.replace(directory / WEIGHTS_FILE)
+    save_json(directory / CONFIG_FILE, to_dict(model.cfg))
+    logger.info("saved model (%d parameters) to %s", count_parameters(model)["total"], directory)
+    return directory
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> OneRecModel:
+    """Rebuild a model written by `save_model`, in eval mode on `device`.
+
+    Raises UsageError naming the file when it is missing, unreadable, or does not match the config.
+    """
+    directory = Path(directory)
+    cfg = _read_config(directory / CONFIG_FILE)
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise UsageError(f"{weights_path}: model weights not found")
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UsageError(f"{weights_path}: not a readable safetensors file ({e})") from e
+    model = OneRecModel(cfg)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UsageError(f"{weights_path}: weights do not match {CONFIG_FILE} ({e})") from e
+    return model.to(device).eval()
+
+
+def _read_config(path: Path) -> ModelConfig:
+    """model.json -> ModelConfig, or UsageError naming the file."""
+    if not path.is_file():
+        raise UsageError(f"{path}: model config not found")
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("expected a JSON object")
+        return from_dict(ModelConfig, data)
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: not a valid model config ({e})") from e

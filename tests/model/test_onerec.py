@@ -1,0 +1,269 @@
+"""OneRecModel: KV-cached decoding equals the full pass (with beams), padding invariance, shared cross K/V,
+traceable decode_step, save/load, and training gradients."""
+
+# Shapes: B batch, W beams, N history positions, T decoder positions, m items, L levels, K codes,
+# D d_model, H heads, hd head dim.
+
+import dataclasses
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from onerec.config import PRESETS, ModelConfig
+from onerec.errors import UsageError
+from onerec.model.onerec import DecodeState, OneRecModel, count_parameters, load_model, save_model
+
+CFG: ModelConfig = PRESETS["tiny"].model
+L, K, M = CFG.levels, CFG.codes, CFG.session_len
+GARBAGE = 12345  # fed at BOS positions and padded history slots: must be ignored
+
+
+def make_model(seed: int = 0, **overrides: object) -> OneRecModel:
+    torch.manual_seed(seed)
+    return OneRecModel(dataclasses.replace(CFG, **overrides)).eval()
+
+
+def make_history(lengths: list[int], n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Histories (B, N, L) with `lengths` real items each, garbage in the padding, and masks (B, N)."""
+    g = torch.Generator().manual_seed(seed)
+    history = torch.randint(0, K, (len(lengths), n, L), generator=g)
+    mask = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+    return torch.where(mask[..., None], history, GARBAGE), mask
+
+
+def make_targets(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Random sessions (*shape, m, L)."""
+    return torch.randint(0, K, (*shape, M, L), generator=torch.Generator().manual_seed(seed))
+
+
+def input_token(targets: torch.Tensor, p: int) -> torch.Tensor:
+    """The decoder input at position p for sessions (*, m, L) -> (*): garbage at BOS, else the code."""
+    level_in = p % (L + 1)
+    if level_in == 0:
+        return torch.full(targets.shape[:-2], GARBAGE)
+    return targets[..., p // (L + 1), level_in - 1]
+
+
+def predicted_slot(p: int) -> tuple[int, int] | None:
+    """(item, level) whose code position p's output predicts, or None when the next token is BOS."""
+    level = p % (L + 1)
+    return None if level == L else (p // (L + 1), level)
+
+
+def reference_logits(model: OneRecModel, history, mask, targets: torch.Tensor) -> torch.Tensor:
+    """Full teacher-forced logits for per-beam sessions targets (B, W, m, L) -> (B, W, m, L, K)."""
+    B, W = targets.shape[:2]
+    out = model(history.repeat_interleave(W, 0), mask.repeat_interleave(W, 0), targets.flatten(0, 1))
+    return out.logits.unflatten(0, (B, W))
+
+
+@torch.no_grad()
+def test_kv_cached_decoding_equals_full_forward_with_padded_histories() -> None:
+    model = make_model()
+    history, mask = make_history([9, 4, 1], n=9)
+    targets = make_targets((3,), seed=1)  # (B, m, L)
+    full = model(history, mask, targets).logits  # (B, m, L, K)
+    state = model.init_state(model.encode(history, mask), mask, beams=1)
+    for p in range(CFG.decoder_len):
+        assert state.self_k.shape[-2] == p
+        logits, state = model.decode_step(input_token(targets, p)[:, None], state)  # (B, W=1, K)
+        slot = predicted_slot(p)
+        if slot is not None:
+            torch.testing.assert_close(logits[:, 0], full[:, slot[0], slot[1]], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_kv_cached_beams_with_reordering_equal_full_forward() -> None:
+    model = make_model()
+    history, mask = make_history([6, 3], n=6, seed=2)
+    B, W = 2, 3
+    # Beams reorder before positions 6 and 13 (mid-item), with repeated and dropped parents.
+    reorders = {6: torch.tensor([[2, 0, 0], [1, 2, 1]]), 13: torch.tensor([[1, 1, 2], [0, 2, 1]])}
+    code_pos = torch.arange(M)[:, None] * (L + 1) + torch.arange(L)[None, :] + 1  # (m, L) input position
+    sessions = make_targets((B, W), seed=3)  # (B, W, m, L): what each beam holds now
+    reference = reference_logits(model, history, mask, sessions)
+    state = model.init_state(model.encode(history, mask), mask, beams=W)
+    for p in range(CFG.decoder_len):
+        beam_idx = reorders.get(p)
+        if beam_idx is not None:  # beam w continues parent beam_idx[b, w]; positions >= p are fresh tokens
+            parents = sessions[torch.arange(B)[:, None], beam_idx]
+            fresh = make_targets((B, W), seed=100 + p)
+            sessions = torch.where(code_pos < p, parents, fresh)
+            reference = reference_logits(model, history, mask, sessions)
+        logits, state = model.decode_step(input_token(sessions, p), state, beam_idx)  # (B, W, K)
+        slot = predicted_slot(p)
+        if slot is not None:
+            torch.testing.assert_close(logits, reference[:, :, slot[0], slot[1]], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_padding_does_not_change_encoder_or_decoder_outputs() -> None:
+    model = make_model()
+    history, mask = make_history([5, 2], n=5, seed=4)
+    extra = torch.randint(0, K, (2, 4, L))
+    longer = torch.cat([history, extra], dim=1)  # (B, N+4, L)
+    longer_mask = torch.cat([mask, torch.zeros(2, 4, dtype=torch.bool)], dim=1)
+    torch.testing.assert_close(
+        model.encode(longer, longer_mask)[:, :5], model.encode(history, mask), atol=1e-6, rtol=0
+    )
+    targets = make_targets((2,), seed=5)
+    torch.testing.assert_close(
+        model(longer, longer_mask, targets).logits, model(history, mask, targets).logits, atol=1e-6, rtol=0
+    )
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("beams", [1, 128])
+def test_cross_kv_have_no_beam_dimension_and_beams_share_them(beams: int) -> None:
+    model = make_model()
+    history, mask = make_history([7, 3], n=7, seed=6)
+    targets = make_targets((2,), seed=7)
+    state = model.init_state(model.encode(history, mask), mask, beams=beams)
+    layers, H, hd = CFG.decoder_layers, CFG.n_heads, CFG.head_dim
+    assert state.cross_k.shape == state.cross_v.shape == (layers, 2, H, 7, hd)
+    assert state.self_k.shape == (layers, 2, beams, H, 0, hd)
+    full = model(history, mask, targets).logits
+    for p in range(L + 2):
+        tokens = input_token(targets, p)[:, None].expand(2, beams)  # every beam holds the same session
+        beam_idx = torch.randint(0, beams, (2, beams))  # any parent: all beams are identical
+        logits, state = model.decode_step(tokens, state, beam_idx)
+        assert logits.shape == (2, beams, K)
+        assert state.self_k.shape == (layers, 2, beams, H, p + 1, hd)
+        assert state.cross_k.shape == (layers, 2, H, 7, hd)
+        slot = predicted_slot(p)
+        if slot is not None:
+            expected = full[:, slot[0], slot[1]][:, None].expand_as(logits)
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_beam_idx_can_grow_the_beam_count() -> None:
+    model = make_model()
+    history, mask = make_history([4, 2], n=4, seed=8)
+    state = model.init_state(model.encode(history, mask), mask, beams=1)
+    _, state = model.decode_step(torch.zeros(2, 1, dtype=torch.long), state)  # BOS, one beam
+    tokens = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    logits, state = model.decode_step(tokens, state, torch.zeros(2, 4, dtype=torch.long))
+    assert logits.shape == (2, 4, K) and state.self_k.shape[2] == 4
+
+
+@torch.no_grad()
+def test_traced_decode_step_generalises_across_positions_and_shapes() -> None:
+    """`torch.onnx.export(dynamo=False)` traces: one trace must serve every position, batch and beam count."""
+    model = make_model()
+
+    class Step(torch.nn.Module):  # the flat tensor signature an ONNX graph has
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, tokens, self_k, self_v, cross_k, cross_v, memory_mask, beam_idx):
+            state = DecodeState(self_k, self_v, cross_k, cross_v, memory_mask)
+            logits, new = self.model.decode_step(tokens, state, beam_idx)
+            return logits, new.self_k, new.self_v
+
+    def state_at(B: int, N: int, W: int, T: int, seed: int) -> DecodeState:
+        history, mask = make_history([N] + [max(1, N // 2)] * (B - 1), n=N, seed=seed)
+        state = model.init_state(model.encode(history, mask), mask, beams=W)
+        for _ in range(T):
+            state = model.decode_step(torch.randint(0, K, (B, W)), state)[1]
+        return state
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace deprecation notices
+        warnings.simplefilter("error", torch.jit.TracerWarning)  # a frozen Python value is a failure
+        example = (torch.zeros(2, 3, dtype=torch.long), *state_at(2, 5, 3, 1, 0), torch.zeros(2, 3).long())
+        traced = torch.jit.trace(Step(), example)
+    for B, N, W, T in [(1, 4, 5, 0), (3, 9, 2, 6), (2, 7, 4, CFG.decoder_len - 1)]:
+        state = state_at(B, N, W, T, seed=T)
+        tokens, beam_idx = torch.randint(0, K, (B, W)), torch.randint(0, W, (B, W))
+        logits, self_k, _ = traced(tokens, *state, beam_idx)
+        eager_logits, eager_state = model.decode_step(tokens, state, beam_idx)
+        torch.testing.assert_close(logits, eager_logits, atol=1e-6, rtol=0)
+        torch.testing.assert_close(self_k, eager_state.self_k, atol=1e-6, rtol=0)
+
+
+def test_save_load_round_trip_gives_identical_logits(tmp_path) -> None:
+    model = make_model(seed=3)
+    history, mask = make_history([5, 2], n=5, seed=9)
+    targets = make_targets((2,), seed=10)
+    save_model(model, tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "model.json").read_text())["codes"] == CFG.codes
+    loaded = load_model(tmp_path / "ckpt")
+    assert loaded.cfg == model.cfg and not loaded.training
+    with torch.no_grad():
+        assert torch.equal(loaded(history, mask, targets).logits, model(history, mask, targets).logits)
+
+
+def test_load_rejects_missing_corrupt_and_mismatched_files(tmp_path) -> None:
+    with pytest.raises(UsageError, match="model.json"):
+        load_model(tmp_path)
+    save_model(make_model(), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(b"not a safetensors file")
+    with pytest.raises(UsageError, match="model.safetensors"):
+        load_model(tmp_path)
+    weights.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(UsageError, match="model.safetensors"):
+        load_model(tmp_path)
+    weights.write_bytes(good)
+    config = json.loads((tmp_path / "model.json").read_text())
+    (tmp_path / "model.json").write_text(json.dumps({**config, "d_model": 64, "d_ff": 32}))
+    with pytest.raises(UsageError, match="model.safetensors"):
+        load_model(tmp_path)
+    (tmp_path / "model.json").write_text("{not json")
+    with pytest.raises(UsageError, match="model.json"):
+        load_model(tmp_path)
+    (tmp_path / "model.json").write_text(json.dumps({**config, "bogus": 1}))
+    with pytest.raises(UsageError, match="model.json"):
+        load_model(tmp_path)
+    weights.unlink()
+    (tmp_path / "model.json").write_text(json.dumps(config))
+    with pytest.raises(UsageError, match="model.safetensors"):
+        load_model(tmp_path)
+
+
+def test_backward_reaches_every_parameter_and_aux_reaches_the_gate() -> None:
+    model = make_model(dropout=0.1).train()
+    history, mask = make_history([6, 3], n=6, seed=11)
+    targets = make_targets((2,), seed=12)
+    out = model(history, mask, targets)
+    assert out.logits.shape == (2, M, L, K) and out.aux_loss.dim() == 0
+    loss = F.cross_entropy(out.logits.flatten(0, 2), targets.flatten()) + CFG.aux_loss_coef * out.aux_loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    gate = model.decoder[0].ffn.gate.weight
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+    model.zero_grad()
+    model(history, mask, targets).aux_loss.backward()
+    assert gate.grad.abs().sum() > 0
+
+
+def test_forward_rejects_bad_targets() -> None:
+    model = make_model()
+    history, mask = make_history([2], n=2)
+    with pytest.raises(ValueError, match="targets"):
+        model(history, mask, torch.zeros(1, M, L + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="items"):
+        model(history, mask, torch.zeros(1, M + 1, L, dtype=torch.long))
+
+
+def test_count_parameters() -> None:
+    model = make_model()
+    counts = count_parameters(model)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    expert = 2 * CFG.d_model * CFG.d_ff + CFG.d_ff + CFG.d_model
+    inactive = CFG.decoder_layers * (CFG.n_experts - CFG.top_k) * expert
+    assert counts["active_per_token"] == counts["total"] - inactive
+    dense = count_parameters(make_model(n_experts=1, top_k=1))
+    assert dense["active_per_token"] == dense["total"]
+
+
+def test_same_seed_same_weights() -> None:
+    a, b = make_model(seed=7), make_model(seed=7)
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    assert all(torch.equal(x, y) for x, y in pairs)

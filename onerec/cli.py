@@ -17,6 +17,7 @@ import numpy as np
 import typer
 
 from onerec.config import DataConfig, TokenizerConfig, from_dict, get_preset, save_json, to_dict
+from onerec.device import resolve_device
 from onerec.errors import UsageError
 from onerec.runs import RunDir, staging_dir
 
@@ -268,7 +269,6 @@ def evaluate(
     from onerec.eval import evaluate as run_eval
     from onerec.model.onerec import load_model
     from onerec.tokenizer.catalog import Catalog
-    from onerec.train.ntp import resolve_device
 
     run = RunDir(run_dir)
     run.require("train")

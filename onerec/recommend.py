@@ -44,7 +44,7 @@ def sessions_to_videos(
         if len(chosen) == k:
             break
     if len(chosen) < k:
-        chosen.extend(int(v) for v in catalog.most_popular(k - len(chosen), exclude=np.fromiter(banned, dtype=np.int64)))
+        chosen.extend(int(v) for v in catalog.most_popular(k - len(chosen), exclude=banned))
     return Recommendation(video_ids=chosen, from_model=from_model, backfilled=len(chosen) - from_model)
 
 

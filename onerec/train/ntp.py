@@ -22,21 +22,13 @@ from tqdm.auto import tqdm
 
 from onerec.config import ModelConfig, Preset, TrainConfig, save_json, to_dict
 from onerec.data.sessions import Sessions
+from onerec.device import resolve_device
 from onerec.errors import UsageError
 from onerec.model.generate import pad_histories
 from onerec.model.onerec import OneRecModel, load_model, save_model
 from onerec.tokenizer.catalog import Catalog
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when it is really there, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device: {name} requested but CUDA is not available")
-    return torch.device(name)
 
 
 @dataclass(frozen=True)

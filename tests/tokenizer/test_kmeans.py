@@ -27,14 +27,6 @@ LINE = torch.tensor([[0.0], [1.0], [2.0], [3.0], [10.0], [11.0]])
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: one intra-op thread avoids thread hand-off costs on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 KMEANS = {
     "vectorised": lambda x, k, seed: balanced_kmeans(x, k, iters=10, seed=seed),

@@ -14,14 +14,6 @@ from onerec.errors import UsageError
 from onerec.tokenizer.residual import collision_stats, residual_quantize
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(12, d)) * 4

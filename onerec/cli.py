@@ -160,11 +160,11 @@ def tokenize(
         raise UsageError(f"{run.interactions}: empty catalog (no items)")
     if cfg.codes > len(video_ids):
         raise UsageError(f"--codes: K={cfg.codes} is larger than the item count N={len(video_ids)}")
-    run.invalidate_from("tokenize")
     if embeddings is not None:
         vectors = load_embeddings(embeddings, len(video_ids))
     else:
         vectors = ppmi_svd_embeddings(train_interactions, video_ids, cfg.embedding_dim, seed=cfg.seed)
+    run.invalidate_from("tokenize")  # inputs are valid: from here the old catalog is being replaced
     np.save(run.embeddings, vectors)
     result = residual_quantize(vectors, cfg)
     popularity = _counts(train_interactions.items, video_ids)

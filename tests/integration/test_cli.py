@@ -123,3 +123,12 @@ def test_prepare_movielens_100k(tmp_path: Path):
     stats = read_json(out / "prepare.json")["stats"]
     assert stats["interactions"] == 100_000 and stats["users"] == 943 and stats["items"] == 1682
     assert stats["sessions"]["test"] > 900
+
+
+def test_bad_embeddings_file_keeps_the_good_catalog(tiny_run: Path, tmp_path: Path):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    bad = tmp_path / "emb.npy"
+    bad.write_bytes(b"not an npy file")
+    _assert_usage_error(["tokenize", "--run", run, "--embeddings", bad], "emb.npy")
+    assert (run / "tokenize.json").is_file() and (run / "train.json").is_file()

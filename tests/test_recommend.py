@@ -1,9 +1,9 @@
 """SIDs -> videos: inverted-index tie-break, dedup, history exclusion and backfill, on a hand-worked catalog."""
 
 import numpy as np
-from onerec.tokenizer.catalog import Catalog
 
 from onerec.recommend import sessions_to_videos
+from onerec.tokenizer.catalog import Catalog
 
 
 def _catalog() -> Catalog:

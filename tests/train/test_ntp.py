@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from onerec.tokenizer.catalog import Catalog
 
 from onerec.config import PRESETS, TrainConfig
 from onerec.data.sessions import Sessions
 from onerec.errors import UsageError
 from onerec.runs import RunDir
+from onerec.tokenizer.catalog import Catalog
 from onerec.train import ntp
 
 

@@ -298,5 +298,84 @@ def evaluate(
     typer.echo(f"valid SID rate: {result.valid_sid_rate:.4f}")
 
 
+class Precision(str, Enum):
+    auto = "auto"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    run_dir: RunOption,
+    out: Annotated[Path, typer.Option("--out", help="Triton model repository to add a version to.")] = Path(
+        "model_repo"),
+    precision: Annotated[Precision, typer.Option(
+        help="Decoder/encoder weights and KV cache: fp16 (GPU), fp32 (CPU) or auto (fp16 when CUDA is here).")
+    ] = Precision.auto,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Check the export against torch on test users and print the parity report as JSON.")
+    ] = False,
+    users: Annotated[int, typer.Option(help="Test users --verify compares on.")] = 32,
+    device: Annotated[str, typer.Option(help="Where Triton runs the backend: auto, cpu or cuda.")] = "auto",
+    max_batch_size: Annotated[int, typer.Option(help="Requests Triton's dynamic batcher hands over at once.")] = 16,
+) -> None:
+    """Write the run's model and catalog as a new version of the Triton model `onerec`."""
+    from export.repository import ServingConfig, export_run
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device: unknown device {device!r}; use auto, cpu or cuda")
+    if max_batch_size < 1:
+        raise UsageError(f"--max-batch-size: must be >= 1, got {max_batch_size}")
+    serving = ServingConfig(device=device, max_batch_size=max_batch_size)
+    version = export_run(run_dir, out, precision.value, serving)
+    typer.echo(f"exported {version}", err=True)
+    if verify:
+        from export.verify import verify as run_verify
+        from onerec.data.sessions import Sessions
+        from onerec.model.onerec import load_model
+
+        run = RunDir(run_dir)
+        beam = get_preset(run.read_marker("train")["preset"]).beam
+        report = run_verify(load_model(run.model), version, Sessions.load(run.sessions("test")), users, beam)
+        typer.echo(json.dumps({"version": str(version), **report.as_json()}))
+
+
+@app.command()
+@user_errors
+def triton(
+    model_repo: Annotated[Path, typer.Option("--model-repo", help="Triton model repository.")] = Path("model_repo"),
+    http_port: Annotated[int, typer.Option(help="HTTP port (health, metadata, inference).")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port (what the gateway calls).")] = 8001,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    workdir: Annotated[Path, typer.Option(help="Backend links and the server log go here.")] = Path(
+        "runs/triton"),
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for readiness.")] = 300.0,
+) -> None:
+    """Run the real tritonserver (from the nvidia-pytriton wheel) on MODEL_REPO until interrupted."""
+    import signal
+    import time
+
+    from onerec.serving.triton import TritonPorts, TritonServer
+
+    server = TritonServer(model_repo, workdir, TritonPorts(http_port, grpc_port, metrics_port), host)
+    try:
+        server.start(timeout)
+    except RuntimeError as e:
+        raise UsageError(str(e).splitlines()[0] + f" (log: {server.log_path})") from e
+    typer.echo(f"tritonserver ready: http {server.http_url}  grpc {server.grpc_url}  log {server.log_path}")
+    stop = {"now": False}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.update(now=True))
+    try:
+        while not stop["now"] and server.alive():
+            time.sleep(0.5)
+    finally:
+        code = server.stop()
+    if not stop["now"]:
+        raise UsageError(f"tritonserver exited on its own with {code} (log: {server.log_path})")
+
+
 if __name__ == "__main__":
     app()

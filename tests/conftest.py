@@ -38,3 +38,12 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def exported_repo(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run exported (fp32) into a fresh Triton model repository; returns the repository."""
+    repo = tmp_path_factory.mktemp("model_repo")
+    code, out, err = run_cli("export", "--run", tiny_run, "--out", repo, "--precision", "fp32")
+    assert code == 0, f"onerec export failed ({code}): {out}{err}"
+    return repo

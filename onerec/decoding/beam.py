@@ -1,10 +1,11 @@
 """Pure trie-constrained beam search: a step function and a prefix trie in, sessions and scores out."""
 
-# Shapes: B requests, W beams, K codes, L levels, m items per session, R sessions returned, U catalog leaves.
+# Shapes: B requests, W beams, K codes, C candidate codes per beam, L levels, m items per session,
+# R sessions returned, U catalog leaves. Bc in {1, B} and G in {1, W}: candidates shared by broadcasting.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,11 +23,14 @@ class StepFn(Protocol):
     Called once for each position p = 0 .. m*(L+1)-2, in order (p is implicit: the callee counts calls).
     `tokens` (B, W) long is the decoder input at p (BOS = 0 where p % (L+1) == 0). `beam_idx` (B, W) long
     says that beam w now continues parent beam beam_idx[b, w] of the previous call: the callee reorders its
-    cache by it before appending p (identity when nothing was reordered). Returns logits (B, W, K)
-    predicting p+1; outputs where p+1 is a BOS position are ignored. W is fixed for every call (fixed shapes).
+    cache by it before appending p (identity when nothing was reordered). `candidates` (Bc, G, C) long are
+    the codes to score for p+1, broadcast over requests (Bc = 1) and beams (G = 1) where shared. Returns
+    logits (B, W, C): logits[b, w, c] is the logit of code candidates[b | 0, w | 0, c] at p+1; only these
+    are computed, so a step never needs the whole codebook's head at the trie's deeper levels. Outputs where
+    p+1 is a BOS position are ignored. W is fixed for every call (fixed shapes).
     """
 
-    def __call__(self, tokens: torch.Tensor, beam_idx: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, tokens: torch.Tensor, beam_idx: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,27 @@ class BeamResult:
     """The best R finished sessions of each request, best first."""
 
     sessions: torch.Tensor  # (B, R, m, L) long SIDs; -1 rows for missing sessions
-    leaves: torch.Tensor  # (B, R, m) long trie leaf ids (catalog rows); -1 for missing sessions
+    leaves: torch.Tensor  # (B, R, m) long trie leaf ids (catalog rows); -1 for missing sessions / non-catalog
     scores: torch.Tensor  # (B, R) float32 sum of log-probabilities, descending; -inf for missing
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """What may follow each beam at one level: codes to score and the trie nodes they lead to."""
+
+    codes: np.ndarray  # (Bc, G, C) int64 codes handed to the step function
+    nodes: np.ndarray  # (B, W, C) int64 child node at level+1 (leaf id at the last level), -1 where invalid
+    valid: np.ndarray  # (B, W, C) bool: a real trie child of a live beam
+
+
+def gather_candidates(logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Full-codebook logits (B, W, K), candidates (Bc, G, C) -> logits of the candidates (B, W, C).
+
+    For step functions (tests, references) that compute every code's logit anyway.
+    """
+    B, W, _ = logits.shape
+    index = candidates.to(logits.device).expand(B, W, candidates.shape[-1])  # (B, W, C)
+    return logits.gather(-1, index)
 
 
 def exclusion_mask(exclude: Sequence[np.ndarray | None] | None, batch: int, num_leaves: int) -> np.ndarray:
@@ -55,25 +78,66 @@ def exclusion_mask(exclude: Sequence[np.ndarray | None] | None, batch: int, num_
     return banned
 
 
-def allowed_codes(
-    trie: PrefixTrie, level: int, nodes: np.ndarray, used: np.ndarray, banned: np.ndarray
-) -> np.ndarray:
-    """Codes (B, W, K) bool each beam may emit at `level`: real trie prefixes and, at the last level, only
-    leaves that are neither already in the beam's session nor banned for its request.
+def trie_candidates(trie: PrefixTrie, level: int, nodes: np.ndarray, live: np.ndarray) -> Candidates:
+    """The trie children of each live beam's node at `level`; nodes (B, W), live (B, W) bool.
 
-    nodes (B, W) the beams' trie nodes at `level`, -1 for dead beams; used (B, W, i) leaves of the items
-    finished so far in each beam's session; banned (B, U) from `exclusion_mask`.
+    When every live beam sits on the same node (always at level 0: the root) the codes are shared, (1, 1, C),
+    so the step scores one candidate list for all; otherwise each beam gets its own children padded to the
+    largest count, (B, W, C). Children of a node are contiguous in the CSR trie, so no search is needed.
     """
     B, W = nodes.shape
-    flat = nodes.reshape(-1)  # (B*W,)
-    mask = trie.allowed_mask(level, np.maximum(flat, 0))  # (B*W, K)
-    mask[flat < 0] = False
-    if level == trie.levels - 1:
-        rows, codes = np.nonzero(mask)  # candidate (beam, code) pairs that complete a leaf
-        leaf = trie.step(level, flat[rows], codes)
-        bad = banned[rows // W, leaf] | (used.reshape(B * W, -1)[rows] == leaf[:, None]).any(axis=1)
-        mask[rows[bad], codes[bad]] = False
-    return mask.reshape(B, W, trie.num_codes)
+    offsets, codes = trie.offsets[level], trie.codes[level]
+    at = np.where(live, nodes, 0)  # (B, W)
+    first = int(at[live][0]) if live.any() else 0
+    if np.all(at[live] == first):
+        lo, hi = int(offsets[first]), int(offsets[first + 1])
+        child = np.arange(lo, hi, dtype=np.int64)  # (C,)
+        valid = np.broadcast_to(live[:, :, None], (B, W, hi - lo)).copy()
+        return Candidates(
+            codes=codes[lo:hi].astype(np.int64)[None, None],
+            nodes=np.where(valid, child, -1),
+            valid=valid,
+        )
+    lo = offsets[at]  # (B, W)
+    count = np.where(live, offsets[at + 1] - lo, 0)
+    width = max(int(count.max()), 1)
+    slot = np.arange(width)  # (C,)
+    valid = slot < count[:, :, None]  # (B, W, C)
+    child = np.where(valid, lo[:, :, None] + slot, -1)
+    return Candidates(codes=codes[np.maximum(child, 0)].astype(np.int64), nodes=child, valid=valid)
+
+
+def full_candidates(num_codes: int, live: np.ndarray) -> Candidates:
+    """Unconstrained decoding: every code for every live beam (no trie)."""
+    B, W = live.shape
+    valid = np.broadcast_to(live[:, :, None], (B, W, num_codes)).copy()
+    return Candidates(
+        codes=np.arange(num_codes, dtype=np.int64)[None, None],
+        nodes=np.zeros((B, W, num_codes), dtype=np.int64),
+        valid=valid,
+    )
+
+
+def ban_items(cands: Candidates, used: np.ndarray, banned: np.ndarray) -> np.ndarray:
+    """At the last level: valid (B, W, C) minus leaves already in the beam's session (used (B, W, i)) and
+    leaves banned for the request (banned (B, U))."""
+    leaf = cands.nodes  # (B, W, C) leaf ids at the last level, -1 where invalid
+    rows = np.arange(leaf.shape[0])[:, None, None]
+    bad = banned[rows, np.maximum(leaf, 0)] | (leaf[..., None] == used[:, :, None, :]).any(axis=-1)
+    return cands.valid & ~bad
+
+
+def normalised_log_probs(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """logits (B, W, C), valid (B, W, C) bool -> log-probabilities over each beam's valid candidates.
+
+    The model's distribution conditioned on emitting a real catalog prefix: log_softmax over the trie
+    children only. NaN logits count as invalid; rows with nothing valid are -inf throughout.
+    """
+    logits = logits.float()
+    valid = valid & ~logits.isnan()
+    masked = logits.masked_fill(~valid, float("-inf"))
+    norm = torch.logsumexp(masked, dim=-1, keepdim=True)  # (B, W, 1), -inf for empty rows
+    return (masked - norm).masked_fill(~valid, float("-inf"))
 
 
 def top_w(flat: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,21 +170,22 @@ def order_desc(values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor,
 def select(
     scores: torch.Tensor, logp: torch.Tensor, allowed: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One beam step. scores (B, W) running log-probs; logp (B, W, K) full-codebook log-probs of the next
-    code; allowed (B, W, K) bool. Returns new scores, parent beams and codes (B, W): the best W of the W*K
-    continuations (ties: lower parent beam, then lower code). Invalid continuations score -inf (dead)."""
-    B, W, K = logp.shape
-    cand = scores.unsqueeze(-1) + logp  # (B, W, K)
-    cand = cand.masked_fill(~allowed | cand.isnan(), float("-inf"))  # a NaN from the model is never selected
-    values, index = top_w(cand.view(B, W * K), W)
-    return values, index // K, index % K
+    """One beam step. scores (B, W) running log-probs; logp (B, W, C) log-probs of each beam's candidates;
+    allowed (B, W, C) bool. Returns new scores, parent beams and candidate slots (B, W): the best W of the
+    W*C continuations (ties: lower parent beam, then lower slot; slots hold codes ascending, so lower code).
+    Invalid continuations score -inf (dead)."""
+    B, W, C = logp.shape
+    cand = scores.unsqueeze(-1) + logp  # (B, W, C)
+    cand = cand.masked_fill(~allowed | cand.isnan(), float("-inf"))
+    values, index = top_w(cand.reshape(B, W * C), W)
+    return values, index // C, index % C
 
 
 @dataclass
 class Beams:
     """Per-beam trie state, on the CPU beside the numpy trie."""
 
-    nodes: np.ndarray  # (B, W) trie node at the level being generated; -1 for dead beams
+    nodes: np.ndarray  # (B, W) trie node at the level being generated
     sids: np.ndarray  # (B, W, m, L) codes generated so far (-1 not yet)
     leaves: np.ndarray  # (B, W, m) leaf of each finished item (-1 not yet)
 
@@ -132,22 +197,20 @@ class Beams:
             leaves=np.full((batch, width, session_len), -1, dtype=np.int64),
         )
 
-    def extend(
-        self, trie: PrefixTrie, item: int, level: int, parent: np.ndarray, codes: np.ndarray, dead: np.ndarray
-    ) -> None:
-        """Beam w continues parent[b, w] (B, W) with codes[b, w] at (item, level); dead (B, W) bool."""
+    def extend(self, cands: Candidates, item: int, level: int, parent: np.ndarray, slot: np.ndarray) -> None:
+        """Beam w continues parent[b, w] (B, W) with the candidate in slot[b, w] at (item, level)."""
         B, W = parent.shape
         rows = np.arange(B)[:, None]
         self.sids, self.leaves = self.sids[rows, parent], self.leaves[rows, parent]
-        self.sids[:, :, item, level] = codes
-        nodes = trie.step(level, self.nodes[rows, parent].reshape(-1), codes.reshape(-1)).reshape(B, W)
-        self.nodes = np.where(dead, -1, nodes)
-        if level == trie.levels - 1:
+        codes = np.broadcast_to(cands.codes, (B, W, cands.codes.shape[-1]))
+        self.sids[:, :, item, level] = codes[rows, parent, slot]
+        self.nodes = cands.nodes[rows, parent, slot]
+        if level == self.sids.shape[-1] - 1:
             self.leaves[:, :, item] = self.nodes
 
     def next_item(self) -> None:
-        """Live beams go back to the trie root for the next item."""
-        self.nodes = np.where(self.nodes >= 0, 0, -1)
+        """Beams go back to the trie root for the next item."""
+        self.nodes = np.zeros_like(self.nodes)
 
 
 def beam_search(
@@ -159,18 +222,24 @@ def beam_search(
     num_sessions: int = 16,
     exclude: Sequence[np.ndarray | None] | None = None,
     device: torch.device | str = "cpu",
+    constrained: bool = True,
+    cancelled: Callable[[], bool] | None = None,
 ) -> BeamResult:
     """Generate sessions of `session_len` distinct catalog items for `batch` requests, decoding
     [BOS, s1^1..s1^L, BOS, s2^1, .., sm^L] with `step`.
 
-    Scoring: a sequence's score is the sum, over its generated codes, of log_softmax over the full codebook
-    (K codes) of the step's logits, i.e. the model's true log-probability of the sequence; the trie and ban
-    constraints mask invalid codes to -inf only afterwards, for selection (they never renormalise).
+    Scoring: a sequence's score is the sum, over its generated codes, of the code's log-probability
+    normalised over the trie children of its prefix (`normalised_log_probs`): only valid children are ever
+    scored, never the whole codebook. The no-repeat and `exclude` bans remove candidates after normalising.
     Constraints: every item is a trie leaf (a real catalog SID), no leaf twice in a session, and no leaf of
     exclude[b] (leaf ids, optional per request) in request b's sessions.
-    Selection: per request, the best `beam_width` of the W*K continuations; ties go to the lower parent
-    beam, then the lower code, so results are deterministic. At the start only beam 0 is alive. Beams with
-    no valid continuation are dead (-inf) and are never returned as sessions.
+    `constrained=False` is the unconstrained peer for benchmarks: every code is a candidate at every level,
+    normalised over the whole codebook, with no trie, repeat or exclusion checks (leaves of non-catalog
+    SIDs are -1).
+    Selection: per request, the best `beam_width` continuations; ties go to the lower parent beam, then the
+    lower code, so results are deterministic. At the start only beam 0 is alive. Beams with no valid
+    continuation are dead (-inf) and are never returned as sessions.
+    `cancelled()`, when given, is asked before every step; True stops the search with CancelledError.
     Returns the best R = min(num_sessions, beam_width) sessions per request; missing ones are -1 / -inf.
     """
     if batch < 1 or session_len < 1 or beam_width < 1 or num_sessions < 1:
@@ -178,6 +247,7 @@ def beam_search(
     B, W, K, L, m = batch, beam_width, trie.num_codes, trie.levels, session_len
     banned = exclusion_mask(exclude, B, trie.num_leaves)  # (B, U)
     arange = torch.arange(W, device=device).expand(B, W)  # (B, W) identity reorder
+    no_candidates = torch.zeros((1, 1, 1), dtype=torch.long, device=device)  # before a BOS position
 
     scores = torch.full((B, W), float("-inf"), device=device)  # (B, W)
     scores[:, 0] = 0.0  # only beam 0 is alive at the start: no duplicate beams
@@ -186,23 +256,45 @@ def beam_search(
     beam_idx = arange
 
     for p in range(m * (L + 1) - 1):
-        logits = step(tokens, beam_idx)  # (B, W, K) predicting p+1
-        if tuple(logits.shape) != (B, W, K):
-            raise ValueError(f"step returned logits of shape {tuple(logits.shape)}, expected {(B, W, K)}")
+        if cancelled is not None and cancelled():
+            raise CancelledError(f"cancelled before decoder position {p}")
         item, level = divmod(p + 1, L + 1)
         level -= 1  # level of the code at p+1; -1 means p+1 is the next item's BOS
         if level < 0:
+            check_logits(step(tokens, beam_idx, no_candidates), B, W, 1)
             tokens, beam_idx = torch.full_like(tokens, BOS), arange
             beams.next_item()
             continue
-        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, W, K) over the full codebook
-        allowed = allowed_codes(trie, level, beams.nodes, beams.leaves[:, :, :item], banned)
-        scores, parent, codes = select(scores, logp, torch.from_numpy(allowed).to(logp.device))
+        live = ~torch.isneginf(scores).cpu().numpy()  # (B, W)
+        if constrained:
+            cands = trie_candidates(trie, level, beams.nodes, live)
+            allowed = cands.valid if level < L - 1 else ban_items(cands, beams.leaves[:, :, :item], banned)
+        else:
+            cands = full_candidates(K, live)
+            allowed = cands.valid
+        C = cands.codes.shape[-1]
+        logits = check_logits(step(tokens, beam_idx, torch.from_numpy(cands.codes).to(device)), B, W, C)
+        logp = normalised_log_probs(logits, torch.from_numpy(cands.valid).to(logits.device))  # (B, W, C)
+        scores, parent, slot = select(scores, logp, torch.from_numpy(allowed).to(logp.device))
         scores = scores.to(device)
-        dead = torch.isneginf(scores).cpu().numpy()  # (B, W) no valid continuation
-        beams.extend(trie, item, level, parent.cpu().numpy(), codes.cpu().numpy(), dead)
-        tokens, beam_idx = codes.to(device), parent.to(device)
+        parent_np, slot_np = parent.cpu().numpy(), slot.cpu().numpy()
+        beams.extend(cands, item, level, parent_np, slot_np)
+        codes = np.broadcast_to(cands.codes, (B, W, C))[np.arange(B)[:, None], parent_np, slot_np]
+        tokens, beam_idx = torch.from_numpy(codes).to(device), parent.to(device)
+    if not constrained:
+        beams.leaves = trie.leaf_of(beams.sids.reshape(-1, L)).reshape(B, W, m)
     return finish(scores, beams.sids, beams.leaves, min(num_sessions, W))
+
+
+class CancelledError(RuntimeError):
+    """The caller asked beam search to stop early."""
+
+
+def check_logits(logits: torch.Tensor, batch: int, width: int, count: int) -> torch.Tensor:
+    """The step's output must be (B, W, C)."""
+    if tuple(logits.shape) != (batch, width, count):
+        raise ValueError(f"step returned logits of shape {tuple(logits.shape)}, expected {(batch, width, count)}")
+    return logits
 
 
 def finish(scores: torch.Tensor, sids: np.ndarray, leaves: np.ndarray, count: int) -> BeamResult:

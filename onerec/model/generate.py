@@ -43,8 +43,8 @@ class ModelStep:
         self.model = model
         self.state = state
 
-    def __call__(self, tokens: torch.Tensor, beam_idx: torch.Tensor) -> torch.Tensor:
-        logits, self.state = self.model.decode_step(tokens, self.state, beam_idx)  # (B, W, K)
+    def __call__(self, tokens: torch.Tensor, beam_idx: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        logits, self.state = self.model.decode_step(tokens, self.state, beam_idx, candidates)  # (B, W, C)
         return logits
 
 

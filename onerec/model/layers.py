@@ -137,6 +137,16 @@ class LevelHeads(nn.Module):
         b = self.bias.index_select(0, level).squeeze(0)  # (K,)
         return F.linear(h, w, b)
 
+    def select_candidates(self, h: Tensor, level: Tensor, candidates: Tensor) -> Tensor:
+        """h (B, W, D), level (1,) long, candidates (Bc, G, C) codes with Bc in {1, B}, G in {1, W}
+        -> logits (B, W, C) of head `level` for those codes only (rows of the head gathered, then one
+        broadcast matmul: (B, W, 1, D) @ (Bc, G, D, C))."""
+        w = self.weight.index_select(0, level).squeeze(0)  # (K, D)
+        b = self.bias.index_select(0, level).squeeze(0)  # (K,)
+        rows = w[candidates]  # (Bc, G, C, D)
+        logits = torch.matmul(h.unsqueeze(-2), rows.transpose(-1, -2)).squeeze(-2)  # (B, W, C)
+        return logits + b[candidates]
+
 
 class EncoderLayer(nn.Module):
     """Pre-LN encoder layer: self-attention with key padding bias, then dense GELU FFN."""

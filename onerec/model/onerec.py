@@ -173,7 +173,7 @@ class OneRecModel(nn.Module):
         return torch.where(level_in == 0, torch.full_like(tokens, self.bos_id), ids)
 
     def decode_step(
-        self, tokens: Tensor, state: DecodeState, beam_idx: Tensor | None = None
+        self, tokens: Tensor, state: DecodeState, beam_idx: Tensor | None = None, candidates: Tensor | None = None
     ) -> tuple[Tensor, DecodeState]:
         """Decode position p = T (the self cache length) for every beam.
 
@@ -181,8 +181,10 @@ class OneRecModel(nn.Module):
         new beam w continues parent beam beam_idx[b, w] (parents index the cache's beams, so W may also
         grow, e.g. 1 -> W after the first step); the self cache is gathered by it before appending. Returns
         logits (B, W, K) predicting position p+1 (head p % (L+1); meaningless when that is L) and the state
-        with T+1. No Python branching on data: the position comes from the cache's shape and the head and
-        input-token table rows are picked by tensor ops, so one traced graph serves every position.
+        with T+1. With candidates (Bc, G, C) long (see `LevelHeads.select_candidates`) the logits are
+        (B, W, C), of those codes only: the head's cost then follows the trie's fan-out, not K.
+        No Python branching on data: the position comes from the cache's shape and the head and input-token
+        table rows are picked by tensor ops, so one traced graph serves every position.
         """
         self_k, self_v = state.self_k, state.self_v
         if beam_idx is not None:
@@ -198,21 +200,27 @@ class OneRecModel(nn.Module):
             new_k.append(k)  # (B, W, H, T+1, hd)
             new_v.append(v)
         head = (position % (self.cfg.levels + 1)).clamp(max=self.cfg.levels - 1)  # (1,)
-        logits = self.heads.select(self.dec_norm(x), head)  # (B, W, K)
+        h = self.dec_norm(x)  # (B, W, D)
         new_state = DecodeState(
             torch.stack(new_k), torch.stack(new_v), state.cross_k, state.cross_v, state.memory_mask
         )
-        return logits, new_state
+        if candidates is None:
+            return self.heads.select(h, head), new_state  # (B, W, K)
+        return self.heads.select_candidates(h, head, candidates), new_state  # (B, W, C)
 
 
 def reorder_cache(cache: Tensor, beam_idx: Tensor) -> Tensor:
-    """cache (layers, B, W, H, T, hd), beam_idx (B, W') parents in [0, W) -> (layers, B, W', H, T, hd)."""
-    B, W_new = beam_idx.shape
-    W = cache.shape[2]
+    """cache (layers, B, W, H, T, hd), beam_idx (B, W') parents in [0, W) -> (layers, B, W', H, T, hd).
+
+    Reshapes use explicit sizes, never -1: the first step's cache is empty (T = 0), and ONNX cannot infer a
+    -1 dimension of an empty tensor.
+    """
+    layers, B, W, H, T, hd = cache.shape
+    W_new = beam_idx.shape[1]
     offsets = torch.arange(B, device=beam_idx.device).unsqueeze(1) * W  # (B, 1)
-    flat = (beam_idx + offsets).reshape(-1)  # (B*W',) rows of the (B*W) flattened beams
-    out = cache.flatten(1, 2).index_select(1, flat)  # (layers, B*W', H, T, hd)
-    return out.reshape(cache.shape[0], B, W_new, cache.shape[3], cache.shape[4], cache.shape[5])
+    flat = (beam_idx + offsets).reshape(B * W_new)  # rows of the (B*W) flattened beams
+    out = cache.reshape(layers, B * W, H, T, hd).index_select(1, flat)  # (layers, B*W', H, T, hd)
+    return out.reshape(layers, B, W_new, H, T, hd)
 
 
 def count_parameters(model: OneRecModel) -> dict[str, int]:

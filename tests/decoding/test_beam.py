@@ -13,7 +13,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onerec.decoding.beam import BeamResult, beam_search, exclusion_mask, select, top_w
+from onerec.decoding.beam import (
+    BeamResult,
+    beam_search,
+    exclusion_mask,
+    gather_candidates,
+    normalised_log_probs,
+    select,
+    top_w,
+)
 from onerec.tokenizer.trie import PrefixTrie
 
 MOD = 2**31 - 1  # running prefix hash modulus (a prime)
@@ -36,27 +44,37 @@ class HashStep:
         self.table = table  # (B, TABLE, K)
         self.hash = torch.zeros(table.shape[0], width, dtype=torch.long)  # (B, W)
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.candidates: list[torch.Tensor] = []
 
     @classmethod
     def random(cls, batch: int, codes: int, width: int, seed: int) -> HashStep:
         gen = torch.Generator().manual_seed(seed)
         return cls(2.0 * torch.randn(batch, TABLE, codes, generator=gen), width)
 
-    def __call__(self, tokens: torch.Tensor, beam_idx: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, beam_idx: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         self.calls.append((tokens.clone(), beam_idx.clone()))
+        self.candidates.append(candidates.clone())
         self.hash = mix(self.hash.gather(1, beam_idx), tokens)
-        return self.table[torch.arange(self.table.shape[0])[:, None], self.hash % TABLE]  # (B, W, K)
+        full = self.table[torch.arange(self.table.shape[0])[:, None], self.hash % TABLE]  # (B, W, K)
+        return gather_candidates(full, candidates)  # (B, W, C)
 
-    def score(self, b: int, session: np.ndarray) -> float:
-        """True log-probability of session (m, L) for request b: what beam search must report."""
+    def score(self, b: int, session: np.ndarray, trie: PrefixTrie) -> float:
+        """Log-probability of session (m, L) for request b, each code normalised over the trie children of
+        its prefix: what beam search must report."""
         seq = decoder_tokens(session)
-        logp = torch.log_softmax(self.table[b].double(), dim=-1)  # (TABLE, K)
-        h, total = 0, 0.0
+        logits = self.table[b].double()  # (TABLE, K)
+        h, total, node = 0, 0.0, 0
         levels = session.shape[1]
         for p in range(len(seq) - 1):
             h = mix(h, seq[p])
-            if (p + 1) % (levels + 1):
-                total += float(logp[h % TABLE, seq[p + 1]])
+            level = (p + 1) % (levels + 1) - 1
+            if level < 0:
+                node = 0
+                continue
+            children, _ = trie.children(level, node)
+            code = seq[p + 1]
+            total += float(logits[h % TABLE, code] - torch.logsumexp(logits[h % TABLE, children], dim=0))
+            node = trie.child(level, node, code)
         return total
 
 
@@ -75,7 +93,7 @@ def brute_force(step: HashStep, trie: PrefixTrie, b: int, m: int, exclude: np.nd
     """Every valid session of request b (distinct, non-excluded leaves) with its score, best first."""
     sids = trie.leaf_sids()
     ok = [leaf for leaf in range(trie.num_leaves) if exclude is None or leaf not in set(exclude.tolist())]
-    found = [(step.score(b, sids[list(combo)]), combo) for combo in itertools.permutations(ok, m)]
+    found = [(step.score(b, sids[list(combo)], trie), combo) for combo in itertools.permutations(ok, m)]
     found.sort(key=lambda x: -x[0])
     return found
 
@@ -165,11 +183,11 @@ def test_step_receives_bos_and_chosen_codes_along_parent_lineage():
     prefixes = [()] * W  # what a KV cache reordered by beam_idx would hold, per beam
     history = []
 
-    def recording(tokens, beam_idx):
+    def recording(tokens, beam_idx, candidates):
         nonlocal prefixes
         prefixes = [prefixes[int(j)] + (int(t),) for j, t in zip(beam_idx[0], tokens[0], strict=True)]
         history.append(list(prefixes))
-        return step(tokens, beam_idx)
+        return step(tokens, beam_idx, candidates)
 
     res = beam_search(recording, trie, batch=1, session_len=m, beam_width=W, num_sessions=W)
     check_calls(step.calls, 1, W, K, L, m)
@@ -183,14 +201,14 @@ def test_step_receives_bos_and_chosen_codes_along_parent_lineage():
         assert seq[:-1] in history[-1]
         for p in range(len(seq) - 1):
             assert seq[: p + 1] in history[p]
-        assert float(res.scores[0, r]) == pytest.approx(step.score(0, res.sessions[0, r].numpy()), abs=1e-5)
+        assert float(res.scores[0, r]) == pytest.approx(step.score(0, res.sessions[0, r].numpy(), trie), abs=1e-5)
 
 
 def test_tie_break_is_lowest_parent_then_lowest_code():
     trie = PrefixTrie.from_sids(catalog(3, 2, list(range(9))), 3)
 
-    def uniform(tokens, beam_idx):
-        return torch.zeros(*tokens.shape, 3)
+    def uniform(tokens, beam_idx, candidates):
+        return torch.zeros(*tokens.shape, candidates.shape[-1])
 
     res = beam_search(uniform, trie, batch=1, session_len=2, beam_width=4, num_sessions=4)
     assert res.leaves[0].tolist() == [[0, 1], [0, 2], [0, 3], [0, 4]]
@@ -204,7 +222,7 @@ def test_top_w_ties_take_lowest_index():
     assert values[0].tolist() == [2.0, 2.0, 1.0] and values[1, 0] == 0.0 and torch.all(values[1, 1:].isinf())
 
 
-def test_select_masks_invalid_and_keeps_full_softmax_scores():
+def test_select_masks_invalid_and_keeps_given_scores():
     scores = torch.tensor([[0.0, -1.0]])  # (B=1, W=2)
     logp = torch.log_softmax(torch.tensor([[[0.0, 1.0, 2.0], [3.0, 0.0, 0.0]]]), dim=-1)
     allowed = torch.tensor([[[True, True, False], [False, True, True]]])
@@ -253,8 +271,8 @@ def test_fp16_logits_and_nan_are_handled():
     trie = PrefixTrie.from_sids(catalog(3, 2, list(range(9))), 3)
     inner = HashStep.random(1, 3, 4, seed=4)
 
-    def half_with_nan(tokens, beam_idx):
-        logits = inner(tokens, beam_idx).half()
+    def half_with_nan(tokens, beam_idx, candidates):
+        logits = inner(tokens, beam_idx, candidates).half()
         logits[0, 0, 0] = float("nan")
         return logits
 
@@ -266,7 +284,7 @@ def test_fp16_logits_and_nan_are_handled():
 def test_rejects_bad_inputs():
     trie = PrefixTrie.from_sids(catalog(3, 2, list(range(9))), 3)
     with pytest.raises(ValueError, match="logits of shape"):
-        beam_search(lambda t, i: torch.zeros(1, 4, 2), trie, batch=1, session_len=2, beam_width=4)
+        beam_search(lambda t, i, c: torch.zeros(1, 4, 2), trie, batch=1, session_len=2, beam_width=4)
     with pytest.raises(ValueError, match="2 entries for a batch of 1"):
         beam_search(HashStep.random(1, 3, 4, 0), trie, 1, 2, 4, exclude=[None, None])
     with pytest.raises(ValueError, match="catalog size"):
@@ -301,7 +319,7 @@ def test_property_constraints_hold(problem, W, R):
     for b in range(B):
         for r in range(min(R, W)):
             if not torch.isinf(res.scores[b, r]):
-                want = step.score(b, res.sessions[b, r].numpy())
+                want = step.score(b, res.sessions[b, r].numpy(), trie)
                 assert float(res.scores[b, r]) == pytest.approx(want, abs=1e-4)
 
 
@@ -318,3 +336,64 @@ def test_property_wide_beam_is_exhaustive(problem):
         n = len(want)
         np.testing.assert_allclose(res.scores[b, :n].numpy(), [s for s, _ in want], rtol=1e-5, atol=1e-4)
         assert torch.all(torch.isneginf(res.scores[b, n:]))
+
+
+def test_candidates_are_the_trie_children_shared_at_the_root():
+    K, L, m, W = 4, 3, 2, 8
+    ids = [0, 1, 5, 17, 18, 33, 60, 63]
+    trie = PrefixTrie.from_sids(catalog(K, L, ids), K)
+    step = HashStep.random(1, K, W, seed=9)
+    beam_search(step, trie, batch=1, session_len=m, beam_width=W, num_sessions=2)
+    roots = trie.children(0, 0)[0].tolist()
+    for p, cands in enumerate(step.candidates):
+        level = (p + 1) % (L + 1) - 1
+        if level < 0:
+            assert cands.shape == (1, 1, 1)  # nothing is scored before a BOS
+        elif level == 0:
+            assert cands.shape == (1, 1, len(roots)) and cands[0, 0].tolist() == roots
+        else:
+            assert cands.shape[:2] in {(1, 1), (1, W)} and cands.shape[-1] <= K
+    # Deeper levels score each beam's own children: fewer than the codebook here (sparse catalog).
+    assert any(c.shape[-1] < K for c in step.candidates[2:])
+
+
+def test_normalised_log_probs_by_hand():
+    logits = torch.tensor([[[0.0, math.log(3.0), 5.0, float("nan")]]])
+    valid = torch.tensor([[[True, True, False, True]]])
+    logp = normalised_log_probs(logits, valid)
+    # softmax over the two valid, finite codes: 1/4 and 3/4; the masked one and the NaN are -inf
+    torch.testing.assert_close(logp[0, 0, :2], torch.tensor([math.log(0.25), math.log(0.75)]))
+    assert torch.all(torch.isneginf(logp[0, 0, 2:]))
+    assert torch.all(torch.isneginf(normalised_log_probs(logits, torch.zeros_like(valid))))
+
+
+def test_unconstrained_search_scores_the_whole_codebook():
+    K, L, m, W = 3, 2, 1, 9  # W = K^L: never prunes
+    trie = PrefixTrie.from_sids(catalog(K, L, [0, 4]), K)  # a 2-item catalog the search ignores
+    step = HashStep.random(1, K, W, seed=6)
+    res = beam_search(step, trie, batch=1, session_len=m, beam_width=W, num_sessions=W, constrained=False)
+    full = PrefixTrie.from_sids(catalog(K, L, list(range(K**L))), K)
+    got = {tuple(res.sessions[0, r, 0].tolist()): float(res.scores[0, r]) for r in range(W)}
+    assert len(got) == K**L
+    for sid, score in got.items():
+        assert score == pytest.approx(step.score(0, np.array([sid]), full), abs=1e-5)
+    in_catalog = {(0, 0), (1, 1)}
+    for r in range(W):
+        sid = tuple(res.sessions[0, r, 0].tolist())
+        assert (int(res.leaves[0, r, 0]) >= 0) == (sid in in_catalog)
+
+
+def test_cancelled_search_stops():
+    from onerec.decoding.beam import CancelledError
+
+    trie = PrefixTrie.from_sids(catalog(3, 2, list(range(9))), 3)
+    step = HashStep.random(1, 3, 4, seed=0)
+    asked = []
+
+    def cancel_after_two():
+        asked.append(1)
+        return len(asked) > 2
+
+    with pytest.raises(CancelledError):
+        beam_search(step, trie, 1, 2, 4, cancelled=cancel_after_two)
+    assert len(step.calls) == 2

@@ -15,7 +15,7 @@ from tests.conftest import ML100K, read_json, run_cli
 
 pytestmark = pytest.mark.integration
 
-COMMANDS = ("prepare", "tokenize", "train", "evaluate")
+COMMANDS = ("prepare", "tokenize", "train", "evaluate", "export", "triton")
 
 
 def test_help_lists_every_command_and_each_has_help():

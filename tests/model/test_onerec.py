@@ -267,3 +267,21 @@ def test_same_seed_same_weights() -> None:
     a, b = make_model(seed=7), make_model(seed=7)
     pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     assert all(torch.equal(x, y) for x, y in pairs)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shape", [(1, 1, 5), (2, 4, 3), (1, 4, 2), (2, 1, 6)])
+def test_candidate_logits_equal_gathered_full_logits(shape) -> None:
+    """Scoring only the candidates' head rows gives exactly the full head's logits at those codes."""
+    from onerec.decoding.beam import gather_candidates
+
+    model = make_model()
+    history, mask = make_history([4, 2], n=4, seed=3)
+    state = model.init_state(model.encode(history, mask), mask, beams=4)
+    tokens = torch.randint(0, K, (2, 4))
+    for _ in range(2):  # positions 0 and 1: heads 0 and 1
+        candidates = torch.randint(0, K, shape)
+        full, _ = model.decode_step(tokens, state)
+        part, state = model.decode_step(tokens, state, candidates=candidates)
+        assert part.shape == (2, 4, shape[-1])
+        torch.testing.assert_close(part, gather_candidates(full, candidates), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,1 @@
+"""Compiles a trained run into a Triton model repository: ONNX graphs, fp16 conversion, parity checks, templates."""

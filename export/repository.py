@@ -1,0 +1,146 @@
+"""Writes one model version into a Triton repository: ONNX graphs, catalog, manifest, backend, filled config."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+import torch
+
+from export.onnx_graphs import export_graphs
+from onerec.config import to_dict
+from onerec.errors import UsageError
+from onerec.model.onerec import OneRecModel, load_model
+from onerec.runs import RunDir
+from onerec.serving import layout
+from onerec.serving.engine import cuda_available
+from onerec.tokenizer.catalog import Catalog
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "onerec"
+TEMPLATES = Path(__file__).resolve().parents[1] / "model_repo" / MODEL_NAME  # committed template + backend
+CONFIG_TEMPLATE = TEMPLATES / "config.pbtxt.template"
+BACKEND = TEMPLATES / "1" / "model.py"
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """The Triton-side knobs written into config.pbtxt."""
+
+    max_batch_size: int = 16  # requests the dynamic batcher may hand the backend at once
+    max_queue_delay_us: int = 2000  # how long the batcher waits to fill a batch
+    queue_timeout_us: int = 5_000_000  # a queued request older than this is rejected, not served late
+    max_queue_size: int = 64  # beyond this, requests are rejected at once (back-pressure)
+    instance_count: int = 1
+    device: str = "auto"  # auto | cpu | cuda: where the backend runs onnxruntime
+    intra_op_threads: int = 0  # 0 = onnxruntime default
+
+
+def resolve_precision(precision: str) -> str:
+    """fp16 | fp32 as given; auto = fp16 when a CUDA device serves, fp32 on the CPU."""
+    if precision == "auto":
+        return "fp16" if cuda_available() or torch.cuda.is_available() else "fp32"
+    if precision not in layout.PRECISIONS:
+        raise UsageError(f"--precision: unknown precision {precision!r}; use fp16, fp32 or auto")
+    return precision
+
+
+def next_version(model_dir: Path) -> int:
+    """1 + the highest numeric version directory; 1 for a new repository. Existing directories are never
+    reused: in this checkout's own `model_repo`, `onerec/1/` holds the committed backend adapter, so the
+    first export there is version 2 (Triton's default policy serves the latest version only)."""
+    versions = [int(p.name) for p in model_dir.glob("*") if p.name.isdigit() and p.is_dir()]
+    return max(versions, default=0) + 1
+
+
+def render_config(manifest: layout.Manifest, serving: ServingConfig) -> str:
+    """config.pbtxt text from the committed template."""
+    if not CONFIG_TEMPLATE.is_file():
+        raise UsageError(f"{CONFIG_TEMPLATE}: config template not found (incomplete checkout?)")
+    use_gpu = serving.device == "cuda" or (serving.device == "auto" and manifest.precision == "fp16")
+    return Template(CONFIG_TEMPLATE.read_text()).substitute(
+        max_batch_size=serving.max_batch_size,
+        levels=manifest.model["levels"],
+        session_len=manifest.model["session_len"],
+        max_queue_delay_us=serving.max_queue_delay_us,
+        queue_timeout_us=serving.queue_timeout_us,
+        max_queue_size=serving.max_queue_size,
+        instance_count=serving.instance_count,
+        instance_kind="KIND_GPU" if use_gpu else "KIND_CPU",
+        catalog_hash=manifest.catalog_hash,
+        model_version=manifest.model_version,
+        device=serving.device,
+        intra_op_threads=serving.intra_op_threads,
+    )
+
+
+def write_version(
+    model: OneRecModel,
+    catalog: Catalog,
+    repo: Path,
+    precision: str,
+    preset: str,
+    source: str,
+    serving: ServingConfig | None = None,
+) -> Path:
+    """Export `model` + `catalog` as the next version of `repo/onerec` and rewrite its config.pbtxt.
+
+    The version is assembled in a hidden staging directory and renamed into place last, so Triton (which
+    polls or restarts) never sees half a version; config.pbtxt is replaced atomically afterwards.
+    """
+    serving = serving or ServingConfig()
+    if not BACKEND.is_file():
+        raise UsageError(f"{BACKEND}: backend adapter not found (incomplete checkout?)")
+    model_dir = Path(repo) / MODEL_NAME
+    model_dir.mkdir(parents=True, exist_ok=True)
+    version = next_version(model_dir)
+    final = model_dir / str(version)
+    staging = model_dir / f".staging-{version}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        export_graphs(model, staging, precision)
+        catalog.save(staging)
+        shutil.copy2(BACKEND, staging / "model.py")
+        manifest = layout.Manifest(
+            preset=preset,
+            precision=precision,
+            catalog_hash=catalog.content_hash,
+            source_checkpoint=source,
+            model_version=version,
+            model=to_dict(model.cfg),
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        )
+        manifest.save(staging)
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    config = model_dir / "config.pbtxt"
+    tmp = config.with_suffix(".pbtxt.tmp")
+    tmp.write_text(render_config(manifest, serving))
+    tmp.replace(config)
+    logger.info("wrote %s (version %d, %s, catalog %s)", final, version, precision, catalog.content_hash[:12])
+    return final
+
+
+def export_run(run_dir: Path, repo: Path, precision: str = "auto", serving: ServingConfig | None = None) -> Path:
+    """The trained model and catalog of a run directory -> the next version of `repo`."""
+    run = RunDir(run_dir)
+    run.require("train")
+    model = load_model(run.model)
+    catalog = Catalog.load(run.catalog)
+    if catalog.num_codes != model.cfg.codes or catalog.levels != model.cfg.levels:
+        raise UsageError(
+            f"{run.catalog}: catalog has K={catalog.num_codes}, L={catalog.levels} but the model expects "
+            f"K={model.cfg.codes}, L={model.cfg.levels}"
+        )
+    preset = run.read_marker("train").get("preset", "unknown")
+    return write_version(model, catalog, repo, resolve_precision(precision), preset, str(run.model.resolve()),
+                         serving)

@@ -1,0 +1,190 @@
+"""The serving engine: onnxruntime encoder/decoder sessions driving the library's trie-constrained beam search.
+
+Legend: B requests decoded together, N history positions, L levels, W beams, C candidate codes, H heads,
+hd head dim, R sessions returned, m items per session.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from onerec.config import ModelConfig, from_dict
+from onerec.decoding.beam import BeamResult, beam_search
+from onerec.errors import UsageError
+from onerec.model.generate import pad_histories
+from onerec.serving import layout
+from onerec.tokenizer.catalog import Catalog
+
+logger = logging.getLogger(__name__)
+
+SIDES = ("decoder", "encoder")
+KINDS = ("key", "value")
+
+
+def cuda_available() -> bool:
+    """True only when onnxruntime has the CUDA provider and torch sees a GPU (no CUDA warnings otherwise)."""
+    return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    """Quiet sessions (fp16 graphs on the CPU log constant-folding warnings) with a thread budget."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads > 0:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+class OnnxModel:
+    """encoder.onnx and decoder.onnx of one version directory in onnxruntime sessions on one device."""
+
+    def __init__(self, directory: Path, cfg: ModelConfig, precision: str, device: str = "auto", threads: int = 0):
+        use_cuda = cuda_available() if device == "auto" else device == "cuda"
+        if use_cuda and not cuda_available():
+            raise UsageError("device cuda: onnxruntime's CUDA provider or a GPU is not available")
+        self.cfg = cfg
+        self.device_type = "cuda" if use_cuda else "cpu"
+        self.float_dtype = np.float16 if precision == "fp16" else np.float32
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+        options = session_options(threads)
+        self.encoder = ort.InferenceSession(str(directory / layout.ENCODER_FILE), options, providers=providers)
+        self.decoder = ort.InferenceSession(str(directory / layout.DECODER_FILE), options, providers=providers)
+        logger.info("onnxruntime sessions on %s (%s) from %s", self.device_type, precision, directory)
+
+    def encode(self, history: np.ndarray, mask: np.ndarray) -> dict[str, ort.OrtValue]:
+        """history (B, N, L) int64, mask (B, N) bool -> the decoder's encoder-side cache inputs, on the device:
+        past_key_values.<i>.encoder.{key,value} (B, H, N, hd), computed once per request for all beams."""
+        binding = self.encoder.io_binding()
+        binding.bind_cpu_input(layout.HISTORY, history)
+        binding.bind_cpu_input(layout.HISTORY_MASK, mask)
+        names = [layout.present_name(i, "encoder", k) for i in range(self.cfg.decoder_layers) for k in KINDS]
+        for name in names:
+            binding.bind_output(name, self.device_type)
+        self.encoder.run_with_iobinding(binding)
+        return {
+            name.replace("present.", "past_key_values.", 1): value
+            for name, value in zip(names, binding.get_outputs(), strict=True)
+        }
+
+    def start(self, history: np.ndarray, mask: np.ndarray, beams: int) -> OrtStep:
+        """A beam-search step function for these histories, with an empty self-attention cache."""
+        B = history.shape[0]
+        empty = np.zeros((B, beams, self.cfg.n_heads, 0, self.cfg.head_dim), dtype=self.float_dtype)
+        cache = {
+            layout.past_name(i, "decoder", k): ort.OrtValue.ortvalue_from_numpy(empty, self.device_type, 0)
+            for i in range(self.cfg.decoder_layers)
+            for k in KINDS
+        }
+        return OrtStep(self, self.encode(history, mask), cache, mask)
+
+
+class OrtStep:
+    """`StepFn` over decoder.onnx: the self cache stays in OrtValues on the device between steps; only the
+    tokens, parent beams and candidate codes go in and the candidates' logits come out."""
+
+    def __init__(self, model: OnnxModel, cross: dict[str, ort.OrtValue], cache: dict[str, ort.OrtValue],
+                 mask: np.ndarray) -> None:
+        self.model = model
+        self.cross = cross
+        self.cache = cache
+        self.mask = mask
+
+    def __call__(self, tokens: torch.Tensor, beam_idx: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        session = self.model.decoder
+        binding = session.io_binding()
+        binding.bind_cpu_input(layout.INPUT_IDS, tokens.cpu().numpy())
+        binding.bind_cpu_input(layout.BEAM_IDX, beam_idx.cpu().numpy())
+        binding.bind_cpu_input(layout.CANDIDATES, candidates.cpu().numpy())
+        binding.bind_cpu_input(layout.ENCODER_MASK, self.mask)
+        for name, value in (*self.cross.items(), *self.cache.items()):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output(layout.LOGITS, "cpu")
+        present = [layout.present_name(i, "decoder", k) for i in range(self.model.cfg.decoder_layers) for k in KINDS]
+        for name in present:
+            binding.bind_output(name, self.model.device_type)
+        session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        self.cache = {
+            name.replace("present.", "past_key_values.", 1): value
+            for name, value in zip(present, outputs[1:], strict=True)
+        }
+        return torch.from_numpy(outputs[0].numpy())  # (B, W, C) float32
+
+
+@dataclass(frozen=True)
+class Query:
+    """One user's generation request, validated."""
+
+    history: np.ndarray  # (n, L) int64 SIDs, most recent first, 1 <= n <= history_len
+    beam_width: int = 128
+    num_sessions: int = 16
+    exclude_history: bool = True
+
+
+class Engine:
+    """A model version directory ready to generate: manifest, catalog (trie) and the ONNX model."""
+
+    def __init__(self, directory: str | Path, device: str = "auto", threads: int = 0) -> None:
+        self.directory = Path(directory)
+        self.manifest = layout.Manifest.load(self.directory)
+        self.cfg = from_dict(ModelConfig, self.manifest.model)
+        self.catalog = Catalog.load(self.directory)
+        if self.catalog.content_hash != self.manifest.catalog_hash:
+            raise UsageError(
+                f"{self.directory}: catalog hash {self.catalog.content_hash} does not match the manifest's "
+                f"{self.manifest.catalog_hash}; re-export the model with its own catalog"
+            )
+        self.model = OnnxModel(self.directory, self.cfg, self.manifest.precision, device, threads)
+
+    def query(self, history: np.ndarray, beam_width: int = 128, num_sessions: int = 16,
+              exclude_history: bool = True) -> Query:
+        """Validate one request's values; ValueError names the Triton tensor at fault."""
+        history = np.asarray(history)
+        L, K, n_max = self.cfg.levels, self.cfg.codes, self.cfg.history_len
+        if history.ndim != 2 or history.shape[1] != L:
+            raise ValueError(f"{layout.IN_HISTORY}: expected shape [n, {L}], got {list(history.shape)}")
+        if not np.issubdtype(history.dtype, np.integer):
+            raise ValueError(f"{layout.IN_HISTORY}: expected integer SIDs, got {history.dtype}")
+        if history.shape[0] == 0:
+            raise ValueError(f"{layout.IN_HISTORY}: the history is empty (cold-start users get popular items)")
+        if history.shape[0] > n_max:
+            raise ValueError(f"{layout.IN_HISTORY}: {history.shape[0]} items, at most {n_max} allowed")
+        if history.min() < 0 or history.max() >= K:
+            raise ValueError(f"{layout.IN_HISTORY}: codes must lie in [0, {K}), got [{history.min()}, {history.max()}]")
+        if not 1 <= beam_width <= layout.MAX_BEAM_WIDTH:
+            raise ValueError(f"{layout.IN_BEAM_WIDTH}: {beam_width} is outside [1, {layout.MAX_BEAM_WIDTH}]")
+        if num_sessions < 1:
+            raise ValueError(f"{layout.IN_NUM_SESSIONS}: {num_sessions} must be >= 1")
+        return Query(history.astype(np.int64), int(beam_width), int(num_sessions), bool(exclude_history))
+
+    def generate(self, queries: Sequence[Query], cancelled: Callable[[], bool] | None = None) -> list[BeamResult]:
+        """Decode queries with the same beam width together (queries x beams rows); one result per query,
+        each (1, R, ...) with R = min(num_sessions, beam_width)."""
+        results: list[BeamResult | None] = [None] * len(queries)
+        for width in sorted({q.beam_width for q in queries}):
+            group = [i for i, q in enumerate(queries) if q.beam_width == width]
+            batch = self.decode([queries[i] for i in group], width, cancelled)
+            for row, i in enumerate(group):
+                r = min(queries[i].num_sessions, width)
+                results[i] = BeamResult(batch.sessions[row : row + 1, :r], batch.leaves[row : row + 1, :r],
+                                        batch.scores[row : row + 1, :r])
+        return results  # type: ignore[return-value]
+
+    def decode(self, queries: Sequence[Query], width: int, cancelled: Callable[[], bool] | None) -> BeamResult:
+        """One batched beam search over queries sharing `width`."""
+        history, mask = pad_histories([q.history for q in queries], self.cfg.history_len)  # (B, N, L), (B, N)
+        trie = self.catalog.trie
+        exclude = [trie.leaf_of(q.history) if q.exclude_history else None for q in queries]
+        step = self.model.start(history.numpy(), mask.numpy(), width)
+        return beam_search(
+            step, trie, batch=len(queries), session_len=self.cfg.session_len, beam_width=width,
+            num_sessions=max(q.num_sessions for q in queries), exclude=exclude, cancelled=cancelled,
+        )

@@ -1,0 +1,172 @@
+"""Local Triton Inference Server: the real `tritonserver` shipped in the nvidia-pytriton wheel (DESIGN.md §6).
+
+Assembles a backend directory for the running Python (the wheel's Python backend and the stub built for
+this Python version), starts the server on loopback with our model repository, waits for readiness and
+stops it cleanly. Imports nothing from Triton's Python packages: readiness is plain HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+
+from onerec.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TritonPorts:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+
+def wheel_root() -> Path:
+    """pytriton/tritonserver inside the installed nvidia-pytriton wheel."""
+    spec = find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        raise UsageError("tritonserver: the nvidia-pytriton package is not installed (run `make install`)")
+    root = Path(spec.origin).parent / "tritonserver"
+    if not (root / "bin" / "tritonserver").is_file():
+        raise UsageError(f"{root}/bin/tritonserver: not found in the nvidia-pytriton wheel")
+    return root
+
+
+def backend_directory(workdir: Path) -> Path:
+    """`workdir/backends` with a `python` backend linked from the wheel, using the stub for this Python."""
+    root = wheel_root()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise UsageError(f"{stub}: no Python backend stub for Python {version} in the nvidia-pytriton wheel")
+    python = workdir / "backends" / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for source in (root / "backends" / "python" / "libtriton_python.so",
+                   root / "backends" / "python" / "triton_python_backend_utils.py", stub):
+        link = python / source.name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(source)
+    return workdir / "backends"
+
+
+def server_env() -> dict[str, str]:
+    """The stub embeds this Python: it needs libpython on the library path and our packages on sys.path."""
+    env = os.environ.copy()
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+    paths = [p for p in sys.path if p and Path(p).is_dir()]
+    env["PYTHONPATH"] = ":".join(p for p in dict.fromkeys([*paths, *env.get("PYTHONPATH", "").split(":")]) if p)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return env
+
+
+def server_command(model_repo: Path, backends: Path, ports: TritonPorts, host: str = "127.0.0.1",
+                   exit_timeout: int = 30) -> list[str]:
+    """The tritonserver command line; the Docker image runs the same flags with its own binary."""
+    return [
+        str(wheel_root() / "bin" / "tritonserver"),
+        f"--model-repository={model_repo}",
+        f"--backend-directory={backends}",
+        "--model-control-mode=none",
+        "--strict-readiness=true",
+        f"--exit-timeout-secs={exit_timeout}",
+        f"--http-address={host}",
+        f"--http-port={ports.http}",
+        f"--grpc-address={host}",
+        f"--grpc-port={ports.grpc}",
+        f"--metrics-address={host}",
+        f"--metrics-port={ports.metrics}",
+        "--allow-gpu-metrics=false",
+        "--log-verbose=0",
+    ]
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (loopback URL we built)
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class TritonServer:
+    """One tritonserver process serving `model_repo`, its log in `workdir/tritonserver.log`."""
+
+    def __init__(self, model_repo: Path, workdir: Path, ports: TritonPorts | None = None,
+                 host: str = "127.0.0.1") -> None:
+        self.model_repo = Path(model_repo).resolve()
+        self.workdir = Path(workdir)
+        self.ports = ports or TritonPorts()
+        self.host = host
+        self.log_path = self.workdir / "tritonserver.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.ports.http}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.ports.grpc}"
+
+    def start(self, timeout: float = 180.0) -> TritonServer:
+        """Start the server and return once /v2/health/ready answers 200 (every model loaded)."""
+        if not (self.model_repo / "onerec" / "config.pbtxt").is_file():
+            raise UsageError(f"{self.model_repo}: no onerec/config.pbtxt; run `onerec export` first")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        command = server_command(self.model_repo, backend_directory(self.workdir), self.ports, self.host)
+        log = open(self.log_path, "ab")  # noqa: SIM115 (owned by the child for its lifetime)
+        logger.info("starting tritonserver (log: %s)", self.log_path)
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_env(),
+                                        start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
+            if http_ok(f"{self.http_url}/v2/health/ready"):
+                logger.info("tritonserver ready: http %s, grpc %s", self.http_url, self.grpc_url)
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"tritonserver not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 40.0) -> int | None:
+        """SIGTERM (Triton drains in-flight requests), then SIGKILL after `timeout`; the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("tritonserver did not stop in %.0fs; killing it", timeout)
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode
+
+    def log_tail(self, lines: int = 40) -> str:
+        if not self.log_path.is_file():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

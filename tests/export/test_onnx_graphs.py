@@ -1,0 +1,111 @@
+"""The exported ONNX graphs equal torch: encoder K/V, KV-cached decode steps from an empty cache, fp16."""
+
+# Shapes: B users, W beams, N history, C candidates, K codes.
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper
+
+from export.onnx_graphs import export_graphs, torch_reshape_semantics
+from onerec.config import PRESETS
+from onerec.model.onerec import OneRecModel
+from onerec.serving.engine import OnnxModel
+
+CFG = PRESETS["tiny"].model
+
+
+@pytest.fixture(scope="module")
+def model() -> OneRecModel:
+    torch.manual_seed(0)
+    return OneRecModel(CFG).eval()
+
+
+@pytest.fixture(scope="module")
+def graphs(model: OneRecModel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, OnnxModel]:
+    out = {}
+    for precision in ("fp32", "fp16"):
+        directory = tmp_path_factory.mktemp(precision)
+        export_graphs(model, directory, precision)
+        out[precision] = OnnxModel(directory, CFG, precision, device="cpu")
+    return out
+
+
+def histories(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    history = torch.randint(0, CFG.codes, (3, 7, CFG.levels), generator=gen)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 2:] = False  # ragged histories: padding must not leak into the outputs
+    mask[2, 5:] = False
+    return history, mask
+
+
+@torch.no_grad()
+def test_encoder_outputs_equal_torch_cross_kv(model, graphs):
+    history, mask = histories(1)
+    cross = graphs["fp32"].encode(history.numpy(), mask.numpy())
+    memory = model.encode(history, mask)
+    for i, layer in enumerate(model.decoder):
+        k, v = layer.cross_attn.project_kv(memory)  # (B, H, N, hd)
+        np.testing.assert_allclose(cross[f"past_key_values.{i}.encoder.key"].numpy(), k.numpy(), atol=1e-5)
+        np.testing.assert_allclose(cross[f"past_key_values.{i}.encoder.value"].numpy(), v.numpy(), atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("beams", [1, 4])
+def test_decode_steps_from_an_empty_cache_match_torch_within_1e_4(model, graphs, beams):
+    """A whole session of steps: shared and per-beam candidates, beam reorders, the cache growing from T=0."""
+    history, mask = histories(2)
+    B = history.shape[0]
+    state = model.init_state(model.encode(history, mask), mask, beams)
+    step = graphs["fp32"].start(history.numpy(), mask.numpy(), beams)
+    gen = torch.Generator().manual_seed(3)
+    worst = 0.0
+    for p in range(CFG.decoder_len - 1):
+        tokens = torch.randint(0, CFG.codes, (B, beams), generator=gen)
+        beam_idx = torch.randint(0, beams, (B, beams), generator=gen)
+        shape = [(1, 1, CFG.codes), (B, beams, 3), (1, beams, 5), (B, 1, 2)][p % 4]
+        candidates = torch.randint(0, CFG.codes, shape, generator=gen)
+        want, state = model.decode_step(tokens, state, beam_idx, candidates)
+        got = step(tokens, beam_idx, candidates)
+        assert got.shape == want.shape == (B, beams, shape[-1]) and got.dtype == torch.float32
+        worst = max(worst, float((want - got).abs().max()))
+    assert worst < 1e-4
+    assert step.cache["past_key_values.0.decoder.key"].shape()[3] == CFG.decoder_len - 1
+
+
+@torch.no_grad()
+def test_fp16_graph_runs_on_cpu_close_to_fp32(model, graphs):
+    history, mask = histories(4)
+    steps = {p: g.start(history.numpy(), mask.numpy(), 2) for p, g in graphs.items()}
+    tokens = torch.zeros(3, 2, dtype=torch.long)
+    candidates = torch.arange(CFG.codes).view(1, 1, -1)
+    out = {p: s(tokens, torch.zeros(3, 2, dtype=torch.long), candidates) for p, s in steps.items()}
+    assert out["fp16"].dtype == torch.float32  # logits leave the graph in fp32
+    gap = float((out["fp16"] - out["fp32"]).abs().max())
+    assert 0 < gap < 5e-2  # really computed in half precision, and close
+
+
+def test_onnx_files_are_valid_and_named_like_optimum(graphs):
+    decoder = onnx.load(str(Path(graphs["fp32"].decoder._model_path)))
+    onnx.checker.check_model(decoder)
+    names = [i.name for i in decoder.graph.input]
+    assert names[:4] == ["input_ids", "beam_idx", "candidates", "encoder_attention_mask"]
+    assert "past_key_values.0.decoder.key" in names and "past_key_values.0.encoder.value" in names
+    assert [o.name for o in decoder.graph.output][:2] == ["logits", "present.0.decoder.key"]
+    reshapes = [n for n in decoder.graph.node if n.op_type == "Reshape"]
+    assert reshapes and all(any(a.name == "allowzero" and a.i == 1 for a in n.attribute) for n in reshapes)
+
+
+def test_reshape_with_a_constant_copy_zero_is_refused():
+    shape = helper.make_tensor("shape", onnx.TensorProto.INT64, [2], [0, -1])
+    node = helper.make_node("Reshape", ["x", "shape"], ["y"], name="r")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [shape])
+    with pytest.raises(ValueError, match="copy-zero"):
+        torch_reshape_semantics(helper.make_model(graph))

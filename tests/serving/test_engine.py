@@ -1,0 +1,101 @@
+"""The ONNX engine serves exactly what the torch reference generates, batched or alone; fp16 agrees."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.verify import held_out_histories, session_agreement
+from onerec.config import BeamConfig
+from onerec.data.sessions import Sessions
+from onerec.errors import UsageError
+from onerec.model.generate import generate
+from onerec.model.onerec import load_model
+from onerec.serving.engine import Engine
+from onerec.serving.layout import Manifest
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.integration
+BEAM = BeamConfig(beam_width=16, num_sessions=4)
+
+
+@pytest.fixture(scope="module")
+def engine(exported_repo: Path) -> Engine:
+    return Engine(exported_repo / "onerec" / "1", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def users(engine: Engine, tiny_run: Path) -> list[np.ndarray]:
+    return held_out_histories(engine.catalog, Sessions.load(tiny_run / "data" / "sessions_test.npz"), 40,
+                          engine.cfg.history_len)
+
+
+def test_engine_equals_torch_reference_batched(engine: Engine, users, tiny_run: Path):
+    model = load_model(tiny_run / "model")
+    queries = [engine.query(h, BEAM.beam_width, BEAM.num_sessions) for h in users]
+    served = engine.generate(queries)  # all users decoded together: 40 x 16 rows
+    exclude = [engine.catalog.trie.leaf_of(h) for h in users]
+    reference = generate(model, engine.catalog.trie, users, BEAM, exclude=exclude)
+    for b, result in enumerate(served):
+        assert torch.equal(result.sessions[0], reference.sessions[b])
+        torch.testing.assert_close(result.scores[0], reference.scores[b], atol=1e-4, rtol=1e-5)
+        leaves = result.leaves[0].numpy()
+        assert np.all(leaves >= 0)  # every item a catalog SID
+        assert all(len(set(s.tolist())) == len(s) for s in leaves)  # distinct within a session
+        assert not np.isin(leaves, exclude[b]).any()  # history excluded
+
+
+def test_mixed_beam_widths_and_flags_equal_requests_alone(engine: Engine, users):
+    queries = [engine.query(users[0], 8, 3), engine.query(users[1], 16, 5, exclude_history=False),
+               engine.query(users[2], 8, 2)]
+    together = engine.generate(queries)
+    for query, result in zip(queries, together, strict=True):
+        alone = engine.generate([query])[0]
+        assert result.sessions.shape[1] == min(query.num_sessions, query.beam_width)
+        assert torch.equal(result.sessions, alone.sessions)
+        torch.testing.assert_close(result.scores, alone.scores)
+
+
+def test_fp16_best_session_equals_fp32_on_95_percent_of_test_users(tmp_path: Path, tiny_run: Path, engine):
+    code, _, err = run_cli("export", "--run", tiny_run, "--out", tmp_path / "repo", "--precision", "fp16")
+    assert code == 0, err
+    half = Engine(tmp_path / "repo" / "onerec" / "1", device="cpu")
+    assert half.manifest.precision == "fp16"
+    every = held_out_histories(engine.catalog, Sessions.load(tiny_run / "data" / "sessions_test.npz"), 10_000,
+                           engine.cfg.history_len)
+    queries = [engine.query(h, BEAM.beam_width, BEAM.num_sessions) for h in every]
+    top, _ = session_agreement(half.generate(queries), engine.generate(queries))
+    assert len(every) > 200 and top >= 0.95
+
+
+@pytest.mark.parametrize(
+    ("history", "kwargs", "needle"),
+    [
+        (np.zeros((0, 3), dtype=np.int32), {}, "HISTORY_SIDS: the history is empty"),
+        (np.zeros((33, 3), dtype=np.int32), {}, "HISTORY_SIDS: 33 items, at most 32"),
+        (np.array([[0, 1, 8]]), {}, "HISTORY_SIDS: codes must lie in [0, 8)"),
+        (np.array([[0, -1, 2]]), {}, "HISTORY_SIDS: codes must lie"),
+        (np.array([[0, 1]]), {}, "HISTORY_SIDS: expected shape [n, 3]"),
+        (np.array([[0.5, 1, 2]]), {}, "HISTORY_SIDS: expected integer"),
+        (np.array([[0, 1, 2]]), {"beam_width": 0}, "BEAM_WIDTH: 0 is outside [1, 1024]"),
+        (np.array([[0, 1, 2]]), {"beam_width": 1025}, "BEAM_WIDTH: 1025"),
+        (np.array([[0, 1, 2]]), {"num_sessions": 0}, "NUM_SESSIONS"),
+    ],
+)
+def test_bad_queries_name_the_tensor(engine: Engine, history, kwargs, needle):
+    with pytest.raises(ValueError) as err:
+        engine.query(history, **kwargs)
+    assert needle in str(err.value)
+
+
+def test_catalog_not_matching_the_manifest_is_refused(exported_repo: Path, tmp_path: Path):
+    version = tmp_path / "1"
+    shutil.copytree(exported_repo / "onerec" / "1", version)
+    manifest = Manifest.load(version)
+    Manifest(**{**manifest.__dict__, "catalog_hash": "0" * 64}).save(version)
+    with pytest.raises(UsageError, match="does not match the manifest"):
+        Engine(version, device="cpu")

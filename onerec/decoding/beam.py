@@ -1,7 +1,7 @@
 """Pure trie-constrained beam search: a step function and a prefix trie in, sessions and scores out."""
 
 # Shapes: B requests, W beams, K codes, C candidate codes per beam, L levels, m items per session,
-# R sessions returned, U catalog leaves. Bc in {1, B} and G in {1, W}: candidates shared by broadcasting.
+# R sessions returned, U catalog leaves. Candidates (Bc, G, C): (1, 1, C) shared by all beams, or (B, W, C).
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class StepFn(Protocol):
     `tokens` (B, W) long is the decoder input at p (BOS = 0 where p % (L+1) == 0). `beam_idx` (B, W) long
     says that beam w now continues parent beam beam_idx[b, w] of the previous call: the callee reorders its
     cache by it before appending p (identity when nothing was reordered). `candidates` (Bc, G, C) long are
-    the codes to score for p+1, broadcast over requests (Bc = 1) and beams (G = 1) where shared. Returns
+    the codes to score for p+1: (1, 1, C) shared by every beam, or (B, W, C) per beam. Returns
     logits (B, W, C): logits[b, w, c] is the logit of code candidates[b | 0, w | 0, c] at p+1; only these
     are computed, so a step never needs the whole codebook's head at the trie's deeper levels. Outputs where
     p+1 is a BOS position are ignored. W is fixed for every call (fixed shapes).
@@ -135,6 +135,8 @@ def normalised_log_probs(logits: torch.Tensor, valid: torch.Tensor) -> torch.Ten
     """
     logits = logits.float()
     valid = valid & ~logits.isnan()
+    if bool(valid.all()):  # the common case at the root: no masking passes over B*W*K entries
+        return torch.log_softmax(logits, dim=-1)
     masked = logits.masked_fill(~valid, float("-inf"))
     norm = torch.logsumexp(masked, dim=-1, keepdim=True)  # (B, W, 1), -inf for empty rows
     return (masked - norm).masked_fill(~valid, float("-inf"))
@@ -176,7 +178,9 @@ def select(
     Invalid continuations score -inf (dead)."""
     B, W, C = logp.shape
     cand = scores.unsqueeze(-1) + logp  # (B, W, C)
-    cand = cand.masked_fill(~allowed | cand.isnan(), float("-inf"))
+    bad = ~allowed | cand.isnan()
+    if bool(bad.any()):
+        cand = cand.masked_fill(bad, float("-inf"))
     values, index = top_w(cand.reshape(B, W * C), W)
     return values, index // C, index % C
 

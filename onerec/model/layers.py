@@ -138,14 +138,20 @@ class LevelHeads(nn.Module):
         return F.linear(h, w, b)
 
     def select_candidates(self, h: Tensor, level: Tensor, candidates: Tensor) -> Tensor:
-        """h (B, W, D), level (1,) long, candidates (Bc, G, C) codes with Bc in {1, B}, G in {1, W}
-        -> logits (B, W, C) of head `level` for those codes only (rows of the head gathered, then one
-        broadcast matmul: (B, W, 1, D) @ (Bc, G, D, C))."""
-        w = self.weight.index_select(0, level).squeeze(0)  # (K, D)
-        b = self.bias.index_select(0, level).squeeze(0)  # (K,)
-        rows = w[candidates]  # (Bc, G, C, D)
-        logits = torch.matmul(h.unsqueeze(-2), rows.transpose(-1, -2)).squeeze(-2)  # (B, W, C)
-        return logits + b[candidates]
+        """h (B, W, D), level (1,) long, candidates (Bc, G, C) codes with (Bc, G) one of (1, 1) (shared by
+        all beams), (B, 1) (per request) or (B, W) (per beam) -> logits (B, W, C) of head `level` for those
+        codes only. Only the candidates' head rows are read; the beams sharing a candidate list form one
+        GEMM: (Bc, G, C, D) @ (Bc, G, D, R) with R = B*W / (Bc*G) beams per list (the small beam side is
+        transposed, never the gathered rows)."""
+        L, K, D = self.weight.shape
+        B, W, _ = h.shape
+        Bc, G, C = candidates.shape
+        index = level * K + candidates  # (Bc, G, C) rows of the flattened (L*K, D) heads
+        rows = self.weight.reshape(L * K, D)[index]  # (Bc, G, C, D)
+        grouped = h.reshape(Bc, G, (B * W) // (Bc * G), D)  # (Bc, G, R, D): row-major beams per list
+        logits = torch.matmul(rows, grouped.transpose(-1, -2))  # (Bc, G, C, R)
+        logits = logits + self.bias.reshape(L * K)[index].unsqueeze(-1)
+        return logits.transpose(-1, -2).reshape(B, W, C)
 
 
 class EncoderLayer(nn.Module):

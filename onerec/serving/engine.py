@@ -165,20 +165,23 @@ class Engine:
             raise ValueError(f"{layout.IN_NUM_SESSIONS}: {num_sessions} must be >= 1")
         return Query(history.astype(np.int64), int(beam_width), int(num_sessions), bool(exclude_history))
 
-    def generate(self, queries: Sequence[Query], cancelled: Callable[[], bool] | None = None) -> list[BeamResult]:
+    def generate(self, queries: Sequence[Query], cancelled: Callable[[], bool] | None = None,
+                 constrained: bool = True) -> list[BeamResult]:
         """Decode queries with the same beam width together (queries x beams rows); one result per query,
-        each (1, R, ...) with R = min(num_sessions, beam_width)."""
+        each (1, R, ...) with R = min(num_sessions, beam_width). `constrained=False` (benchmarks only) scores
+        the whole codebook at every level with no trie."""
         results: list[BeamResult | None] = [None] * len(queries)
         for width in sorted({q.beam_width for q in queries}):
             group = [i for i, q in enumerate(queries) if q.beam_width == width]
-            batch = self.decode([queries[i] for i in group], width, cancelled)
+            batch = self.decode([queries[i] for i in group], width, cancelled, constrained)
             for row, i in enumerate(group):
                 r = min(queries[i].num_sessions, width)
                 results[i] = BeamResult(batch.sessions[row : row + 1, :r], batch.leaves[row : row + 1, :r],
                                         batch.scores[row : row + 1, :r])
         return results  # type: ignore[return-value]
 
-    def decode(self, queries: Sequence[Query], width: int, cancelled: Callable[[], bool] | None) -> BeamResult:
+    def decode(self, queries: Sequence[Query], width: int, cancelled: Callable[[], bool] | None,
+               constrained: bool = True) -> BeamResult:
         """One batched beam search over queries sharing `width`."""
         history, mask = pad_histories([q.history for q in queries], self.cfg.history_len)  # (B, N, L), (B, N)
         trie = self.catalog.trie
@@ -187,4 +190,5 @@ class Engine:
         return beam_search(
             step, trie, batch=len(queries), session_len=self.cfg.session_len, beam_width=width,
             num_sessions=max(q.num_sessions for q in queries), exclude=exclude, cancelled=cancelled,
+            constrained=constrained,
         )

@@ -69,7 +69,7 @@ def test_decode_steps_from_an_empty_cache_match_torch_within_1e_4(model, graphs,
     for p in range(CFG.decoder_len - 1):
         tokens = torch.randint(0, CFG.codes, (B, beams), generator=gen)
         beam_idx = torch.randint(0, beams, (B, beams), generator=gen)
-        shape = [(1, 1, CFG.codes), (B, beams, 3), (1, beams, 5), (B, 1, 2)][p % 4]
+        shape = [(1, 1, CFG.codes), (B, beams, 3), (1, 1, 5), (B, 1, 2)][p % 4]
         candidates = torch.randint(0, CFG.codes, shape, generator=gen)
         want, state = model.decode_step(tokens, state, beam_idx, candidates)
         got = step(tokens, beam_idx, candidates)

@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,20 +23,10 @@ from onerec.data.sessions import Sessions
 from onerec.model.generate import generate
 from onerec.model.onerec import load_model
 from onerec.serving.engine import Engine
-from onerec.serving.triton import TritonPorts, TritonServer
+from onerec.serving.triton import TritonPorts, TritonServer, free_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BEAM = BeamConfig(beam_width=16, num_sessions=4)
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")

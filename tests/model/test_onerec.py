@@ -270,7 +270,7 @@ def test_same_seed_same_weights() -> None:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("shape", [(1, 1, 5), (2, 4, 3), (1, 4, 2), (2, 1, 6)])
+@pytest.mark.parametrize("shape", [(1, 1, 5), (2, 4, 3), (2, 1, 6), (1, 1, K)])
 def test_candidate_logits_equal_gathered_full_logits(shape) -> None:
     """Scoring only the candidates' head rows gives exactly the full head's logits at those codes."""
     from onerec.decoding.beam import gather_candidates

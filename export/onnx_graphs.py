@@ -15,7 +15,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import Tensor, nn
 
-from onerec.model.onerec import DecodeState, OneRecModel
+from onerec.model.onerec import OneRecModel
 from onerec.serving import layout
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """`OneRecModel.decode_step` with flat, optimum-style cache tensors.
+    """`OneRecModel.decode_layers` with flat, optimum-style cache tensors.
 
     In: input_ids (B, W), beam_idx (B, W), candidates (Bc, G, C), encoder_attention_mask (B, N), then per
     layer the self cache key/value (B, W0, H, T, hd), then per layer the cross key/value (B, H, N, hd).
@@ -57,17 +57,12 @@ class DecoderGraph(nn.Module):
                 *caches: Tensor) -> tuple[Tensor, ...]:
         n = self.layers
         self_kv, cross_kv = caches[: 2 * n], caches[2 * n :]
-        state = DecodeState(
-            self_k=torch.stack(self_kv[0::2]),  # (layers, B, W0, H, T, hd)
-            self_v=torch.stack(self_kv[1::2]),
-            cross_k=torch.stack(cross_kv[0::2]),  # (layers, B, H, N, hd)
-            cross_v=torch.stack(cross_kv[1::2]),
-            memory_mask=mask,
-        )
-        logits, new = self.model.decode_step(input_ids, state, beam_idx, candidates)  # (B, W, C)
+        logits, present = self.model.decode_layers(
+            input_ids, self_kv[0::2], self_kv[1::2], cross_kv[0::2], cross_kv[1::2], mask, beam_idx, candidates
+        )  # (B, W, C), layers x (B, W, H, T+1, hd) x 2
         out: list[Tensor] = [logits.float()]
-        for i in range(n):
-            out.extend((new.self_k[i], new.self_v[i]))
+        for k, v in present:
+            out.extend((k, v))
         return tuple(out)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -183,44 +184,66 @@ class OneRecModel(nn.Module):
         logits (B, W, K) predicting position p+1 (head p % (L+1); meaningless when that is L) and the state
         with T+1. With candidates (Bc, G, C) long (see `LevelHeads.select_candidates`) the logits are
         (B, W, C), of those codes only: the head's cost then follows the trie's fan-out, not K.
+        A wrapper over `decode_layers` for the stacked `DecodeState`.
+        """
+        logits, present = self.decode_layers(
+            tokens, state.self_k.unbind(0), state.self_v.unbind(0), state.cross_k.unbind(0),
+            state.cross_v.unbind(0), state.memory_mask, beam_idx, candidates,
+        )
+        new_state = DecodeState(
+            torch.stack([k for k, _ in present]), torch.stack([v for _, v in present]),
+            state.cross_k, state.cross_v, state.memory_mask,
+        )
+        return logits, new_state
+
+    def decode_layers(
+        self,
+        tokens: Tensor,
+        self_k: Sequence[Tensor],
+        self_v: Sequence[Tensor],
+        cross_k: Sequence[Tensor],
+        cross_v: Sequence[Tensor],
+        memory_mask: Tensor,
+        beam_idx: Tensor | None = None,
+        candidates: Tensor | None = None,
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """`decode_step` on per-layer caches: self_k/self_v layers x (B, W0, H, T, hd), cross_k/cross_v
+        layers x (B, H, N, hd). Returns the logits and layers x (k, v) (B, W, H, T+1, hd). This is exactly
+        the exported decoder graph: per-layer tensors in and out, so no step copies a stacked cache.
+
         No Python branching on data: the position comes from the cache's shape and the head and input-token
         table rows are picked by tensor ops, so one traced graph serves every position.
         """
-        self_k, self_v = state.self_k, state.self_v
-        if beam_idx is not None:
-            self_k, self_v = reorder_cache(self_k, beam_idx), reorder_cache(self_v, beam_idx)
-        T = self_k.shape[-2]
+        T = self_k[0].shape[-2]
         position = torch.arange(T, T + 1, device=tokens.device)  # (1,)
         x = self.token_emb(self.step_token_ids(tokens, position)) + self.dec_pos(position)  # (B, W, D)
         x = self.drop(x)
-        bias = padding_bias(state.memory_mask, x.dtype)  # (B, 1, 1, N)
-        new_k, new_v = [], []
+        bias = padding_bias(memory_mask, x.dtype)  # (B, 1, 1, N)
+        present = []
         for i, layer in enumerate(self.decoder):
-            x, k, v = layer.step(x, self_k[i], self_v[i], state.cross_k[i], state.cross_v[i], bias)
-            new_k.append(k)  # (B, W, H, T+1, hd)
-            new_v.append(v)
+            k_cache, v_cache = self_k[i], self_v[i]
+            if beam_idx is not None:
+                k_cache, v_cache = reorder_beams(k_cache, beam_idx), reorder_beams(v_cache, beam_idx)
+            x, k, v = layer.step(x, k_cache, v_cache, cross_k[i], cross_v[i], bias)
+            present.append((k, v))  # (B, W, H, T+1, hd)
         head = (position % (self.cfg.levels + 1)).clamp(max=self.cfg.levels - 1)  # (1,)
         h = self.dec_norm(x)  # (B, W, D)
-        new_state = DecodeState(
-            torch.stack(new_k), torch.stack(new_v), state.cross_k, state.cross_v, state.memory_mask
-        )
         if candidates is None:
-            return self.heads.select(h, head), new_state  # (B, W, K)
-        return self.heads.select_candidates(h, head, candidates), new_state  # (B, W, C)
+            return self.heads.select(h, head), present  # (B, W, K)
+        return self.heads.select_candidates(h, head, candidates), present  # (B, W, C)
 
 
-def reorder_cache(cache: Tensor, beam_idx: Tensor) -> Tensor:
-    """cache (layers, B, W, H, T, hd), beam_idx (B, W') parents in [0, W) -> (layers, B, W', H, T, hd).
+def reorder_beams(cache: Tensor, beam_idx: Tensor) -> Tensor:
+    """One layer's cache (B, W, H, T, hd), beam_idx (B, W') parents in [0, W) -> (B, W', H, T, hd).
 
     Reshapes use explicit sizes, never -1: the first step's cache is empty (T = 0), and ONNX cannot infer a
     -1 dimension of an empty tensor.
     """
-    layers, B, W, H, T, hd = cache.shape
+    B, W, H, T, hd = cache.shape
     W_new = beam_idx.shape[1]
     offsets = torch.arange(B, device=beam_idx.device).unsqueeze(1) * W  # (B, 1)
     flat = (beam_idx + offsets).reshape(B * W_new)  # rows of the (B*W) flattened beams
-    out = cache.reshape(layers, B * W, H, T, hd).index_select(1, flat)  # (layers, B*W', H, T, hd)
-    return out.reshape(layers, B, W_new, H, T, hd)
+    return cache.reshape(B * W, H, T, hd).index_select(0, flat).reshape(B, W_new, H, T, hd)
 
 
 def count_parameters(model: OneRecModel) -> dict[str, int]:

@@ -220,11 +220,12 @@ def triton_throughput(repo: Path, workdir: Path, hists: list[np.ndarray], beam: 
             with ThreadPoolExecutor(c) as pool:
                 list(pool.map(client_loop, range(c)))
             seconds = time.perf_counter() - start
+            time.sleep(1.0)  # Triton records an execution's statistics after its responses are sent
             after = server_stats(clients[0])
             requests = c * per_client
-            batches = after[1] - before[1]
+            inferences, batches = after[0] - before[0], after[1] - before[1]
             out[str(c)] = {"requests": requests, "seconds": round(seconds, 2), "qps": requests / seconds,
-                           "avg_batch": requests / batches if batches else None}
+                           "avg_batch": inferences / batches if batches else None}
             log.info("triton concurrency %d: %.2f req/s (avg batch %.2f)", c, requests / seconds,
                      out[str(c)]["avg_batch"] or 0)
     return out

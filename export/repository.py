@@ -18,7 +18,6 @@ from onerec.errors import UsageError
 from onerec.model.onerec import OneRecModel, load_model
 from onerec.runs import RunDir
 from onerec.serving import layout
-from onerec.serving.engine import cuda_available
 from onerec.tokenizer.catalog import Catalog
 
 logger = logging.getLogger(__name__)
@@ -45,7 +44,7 @@ class ServingConfig:
 def resolve_precision(precision: str) -> str:
     """fp16 | fp32 as given; auto = fp16 when a CUDA device serves, fp32 on the CPU."""
     if precision == "auto":
-        return "fp16" if cuda_available() or torch.cuda.is_available() else "fp32"
+        return "fp16" if torch.cuda.is_available() else "fp32"
     if precision not in layout.PRECISIONS:
         raise UsageError(f"--precision: unknown precision {precision!r}; use fp16, fp32 or auto")
     return precision

@@ -61,8 +61,7 @@ def logit_gap(model: OneRecModel, onnx: OnnxModel, histories: list[np.ndarray], 
     gen = torch.Generator().manual_seed(seed)
     history, mask = pad_histories(histories, cfg.history_len)  # (B, N, L), (B, N)
     B = history.shape[0]
-    torch_model = model.float().cpu().eval()
-    state = torch_model.init_state(torch_model.encode(history, mask), mask, beams)
+    state = model.init_state(model.encode(history, mask), mask, beams)  # model: fp32, eval, CPU (load_model)
     step = onnx.start(history.numpy(), mask.numpy(), beams)
     gap = 0.0
     for p in range(cfg.decoder_len - 1):
@@ -70,7 +69,7 @@ def logit_gap(model: OneRecModel, onnx: OnnxModel, histories: list[np.ndarray], 
         beam_idx = torch.randint(0, beams, (B, beams), generator=gen)
         shape = (1, 1, cfg.codes) if p % 2 == 0 else (B, beams, min(cfg.codes, 7))
         candidates = torch.randint(0, cfg.codes, shape, generator=gen)
-        want, state = torch_model.decode_step(tokens, state, beam_idx, candidates)  # (B, W, C)
+        want, state = model.decode_step(tokens, state, beam_idx, candidates)  # (B, W, C)
         got = step(tokens, beam_idx, candidates)
         gap = max(gap, float((want - got).abs().max()))
     return gap

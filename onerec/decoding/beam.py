@@ -283,8 +283,7 @@ def beam_search(
         scores = scores.to(device)
         parent_np, slot_np = parent.cpu().numpy(), slot.cpu().numpy()
         beams.extend(cands, item, level, parent_np, slot_np)
-        codes = np.broadcast_to(cands.codes, (B, W, C))[np.arange(B)[:, None], parent_np, slot_np]
-        tokens, beam_idx = torch.from_numpy(codes).to(device), parent.to(device)
+        tokens, beam_idx = torch.from_numpy(beams.sids[:, :, item, level].copy()).to(device), parent.to(device)
     if not constrained:
         beams.leaves = trie.leaf_of(beams.sids.reshape(-1, L)).reshape(B, W, m)
     return finish(scores, beams.sids, beams.leaves, min(num_sessions, W))

@@ -57,7 +57,16 @@ class OnnxModel:
         options = session_options(threads)
         self.encoder = ort.InferenceSession(str(directory / layout.ENCODER_FILE), options, providers=providers)
         self.decoder = ort.InferenceSession(str(directory / layout.DECODER_FILE), options, providers=providers)
+        layers = range(cfg.decoder_layers)
+        # (output name, the input name it feeds next) for the encoder-side and the self-attention caches
+        self.cross_names = [(layout.present_name(i, "encoder", k), layout.past_name(i, "encoder", k))
+                            for i in layers for k in KINDS]
+        self.self_names = [(layout.present_name(i, "decoder", k), layout.past_name(i, "decoder", k))
+                           for i in layers for k in KINDS]
         logger.info("onnxruntime sessions on %s (%s) from %s", self.device_type, precision, directory)
+
+    def to_device(self, array: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(array, self.device_type, 0)
 
     def encode(self, history: np.ndarray, mask: np.ndarray) -> dict[str, ort.OrtValue]:
         """history (B, N, L) int64, mask (B, N) bool -> the decoder's encoder-side cache inputs, on the device:
@@ -65,25 +74,29 @@ class OnnxModel:
         binding = self.encoder.io_binding()
         binding.bind_cpu_input(layout.HISTORY, history)
         binding.bind_cpu_input(layout.HISTORY_MASK, mask)
-        names = [layout.present_name(i, "encoder", k) for i in range(self.cfg.decoder_layers) for k in KINDS]
-        for name in names:
-            binding.bind_output(name, self.device_type)
-        self.encoder.run_with_iobinding(binding)
-        return {
-            name.replace("present.", "past_key_values.", 1): value
-            for name, value in zip(names, binding.get_outputs(), strict=True)
-        }
+        return run_bound(self.encoder, binding, self.cross_names, self.device_type)
 
     def start(self, history: np.ndarray, mask: np.ndarray, beams: int) -> OrtStep:
         """A beam-search step function for these histories, with an empty self-attention cache."""
         B = history.shape[0]
         empty = np.zeros((B, beams, self.cfg.n_heads, 0, self.cfg.head_dim), dtype=self.float_dtype)
-        cache = {
-            layout.past_name(i, "decoder", k): ort.OrtValue.ortvalue_from_numpy(empty, self.device_type, 0)
-            for i in range(self.cfg.decoder_layers)
-            for k in KINDS
-        }
-        return OrtStep(self, self.encode(history, mask), cache, mask)
+        cache = {past: self.to_device(empty) for _, past in self.self_names}
+        return OrtStep(self, self.encode(history, mask), cache, self.to_device(mask))
+
+
+def run_bound(session: ort.InferenceSession, binding: ort.IOBinding, names: list[tuple[str, str]],
+              device_type: str, host_outputs: tuple[str, ...] = ()) -> dict[str, ort.OrtValue]:
+    """Run with `host_outputs` bound to the CPU and the `names` outputs kept on the device; returns every
+    output as an OrtValue, the device ones keyed by the input name they feed next."""
+    for name in host_outputs:
+        binding.bind_output(name, "cpu")
+    for output, _ in names:
+        binding.bind_output(output, device_type)
+    session.run_with_iobinding(binding)
+    values = binding.get_outputs()
+    out = dict(zip(host_outputs, values[: len(host_outputs)], strict=True))
+    out.update((past, value) for (_, past), value in zip(names, values[len(host_outputs):], strict=True))
+    return out
 
 
 class OrtStep:
@@ -91,7 +104,7 @@ class OrtStep:
     tokens, parent beams and candidate codes go in and the candidates' logits come out."""
 
     def __init__(self, model: OnnxModel, cross: dict[str, ort.OrtValue], cache: dict[str, ort.OrtValue],
-                 mask: np.ndarray) -> None:
+                 mask: ort.OrtValue) -> None:
         self.model = model
         self.cross = cross
         self.cache = cache
@@ -103,20 +116,13 @@ class OrtStep:
         binding.bind_cpu_input(layout.INPUT_IDS, tokens.cpu().numpy())
         binding.bind_cpu_input(layout.BEAM_IDX, beam_idx.cpu().numpy())
         binding.bind_cpu_input(layout.CANDIDATES, candidates.cpu().numpy())
-        binding.bind_cpu_input(layout.ENCODER_MASK, self.mask)
+        binding.bind_ortvalue_input(layout.ENCODER_MASK, self.mask)
         for name, value in (*self.cross.items(), *self.cache.items()):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output(layout.LOGITS, "cpu")
-        present = [layout.present_name(i, "decoder", k) for i in range(self.model.cfg.decoder_layers) for k in KINDS]
-        for name in present:
-            binding.bind_output(name, self.model.device_type)
-        session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        self.cache = {
-            name.replace("present.", "past_key_values.", 1): value
-            for name, value in zip(present, outputs[1:], strict=True)
-        }
-        return torch.from_numpy(outputs[0].numpy())  # (B, W, C) float32
+        outputs = run_bound(session, binding, self.model.self_names, self.model.device_type, (layout.LOGITS,))
+        logits = outputs.pop(layout.LOGITS)
+        self.cache = outputs
+        return torch.from_numpy(logits.numpy())  # (B, W, C) float32
 
 
 @dataclass(frozen=True)

@@ -92,17 +92,6 @@ class PrefixTrie:
             node = self.step(level, node, sids[:, level])
         return node
 
-    def allowed_mask(self, level: int, nodes: np.ndarray) -> np.ndarray:
-        """Dense mask (M, K): True where code k extends node nodes[i] at `level` to a real prefix."""
-        nodes = np.asarray(nodes, dtype=np.int64)
-        mask = np.zeros((nodes.shape[0], self.num_codes), dtype=bool)
-        lo = self.offsets[level][nodes]
-        counts = self.offsets[level][nodes + 1] - lo
-        rows = np.repeat(np.arange(nodes.shape[0]), counts)
-        idx = np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
-        mask[rows, self.codes[level][idx]] = True
-        return mask
-
     def leaf_sids(self) -> np.ndarray:
         """All leaves' SIDs (U, L), in leaf order."""
         levels = self.levels

@@ -7,7 +7,7 @@ DATA ?= ../shared/data/ml-100k
 RUN ?= runs/ml-100k
 PRESET ?= small
 
-.PHONY: install demo test test-fast lint bench bench-quick export triton clean help
+.PHONY: install demo test test-fast lint bench bench-quick export triton serve clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -41,6 +41,7 @@ bench: install  ## benchmarks (results go to docs/PERFORMANCE.md by hand, with t
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	$(BIN)/python benchmarks/tokenizer_scale.py --json runs/tokenizer_scale.json
 	$(BIN)/python benchmarks/beam_vs_hf.py --json --out runs/bench
+	$(BIN)/python benchmarks/gateway_overhead.py --run $(RUN) --json
 
 bench-quick: install  ## the serving benchmark, reduced (under 3 minutes)
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
@@ -51,6 +52,9 @@ export: install  ## export the demo run into model_repo/ (a new version) and che
 
 triton: install  ## serve model_repo/ with the real tritonserver on 127.0.0.1:8000/8001/8002 (Ctrl-C stops)
 	$(BIN)/onerec triton --model-repo model_repo
+
+serve: install  ## the gateway on 127.0.0.1:8080 (ONEREC_* settings; Redis and `make triton` running)
+	$(BIN)/onerec serve
 
 clean:  ## remove the venv and generated runs
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

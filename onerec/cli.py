@@ -377,5 +377,90 @@ def triton(
         raise UsageError(f"tritonserver exited on its own with {code} (log: {server.log_path})")
 
 
+class HistorySplit(str, Enum):
+    latest = "latest"
+    test = "test"
+
+
+@app.command("load-histories")
+@user_errors
+def load_histories(
+    run_dir: RunOption,
+    redis_url: Annotated[str, typer.Option(envvar="ONEREC_REDIS_URL", help="Redis to write to.")] = (
+        "redis://127.0.0.1:6379/0"),
+    prefix: Annotated[str, typer.Option(envvar="ONEREC_HISTORY_PREFIX", help="History key prefix.")] = (
+        "onerec:history:"),
+    cap: Annotated[int, typer.Option(envvar="ONEREC_HISTORY_LEN", help="Videos kept per user.")] = 256,
+    which: Annotated[HistorySplit, typer.Option(
+        "--histories", help="latest: every positive up to now (what production holds); test: the test sessions' "
+                            "histories, so /recommend can be scored against the held-out targets.")
+    ] = HistorySplit.latest,
+    batch: Annotated[int, typer.Option(help="Users per pipelined MULTI/EXEC.")] = 500,
+) -> None:
+    """Replace the users' Redis histories with the run's (most recent first); prints a JSON summary."""
+    import time
+
+    import redis
+    from tqdm import tqdm
+
+    from onerec.data.interactions import Interactions
+    from onerec.data.sessions import Sessions, latest_histories
+    from service.history import bulk_load
+
+    if cap < 1 or batch < 1:
+        raise UsageError(f"--cap and --batch must be >= 1, got {cap} and {batch}")
+    run = RunDir(run_dir)
+    run.require("prepare")
+    if which is HistorySplit.latest:
+        positive = float(run.read_marker("prepare")["data"]["positive_rating"])
+        histories = [(str(u), h.tolist()) for u, h in latest_histories(Interactions.load(run.interactions),
+                                                                          positive, cap)]
+    else:
+        test = Sessions.load(run.sessions("test"))
+        histories = [(str(int(test.users[i])), test.history_of(i).tolist()) for i in range(len(test))]
+    start = time.perf_counter()
+    client = redis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=5)
+    try:
+        with tqdm(total=len(histories), unit="user", disable=not _progress(), desc="load-histories") as bar:
+            users, videos = bulk_load(client, histories, prefix, cap, batch, bar.update)
+    except redis.RedisError as e:
+        raise UsageError(f"--redis-url {redis_url}: {e}") from e
+    finally:
+        client.close()
+    seconds = time.perf_counter() - start
+    log.info("loaded %d histories (%d videos) into %s in %.1fs", users, videos, redis_url, seconds)
+    typer.echo(json.dumps({"users": users, "videos": videos, "histories": which.value, "seconds": round(seconds, 2)}))
+
+
+@app.command()
+@user_errors
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes.")] = 1,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Run the gateway (FastAPI under uvicorn). Settings come from ONEREC_* variables (see service/settings.py)."""
+    import os
+    import tempfile
+
+    import uvicorn
+
+    from service.settings import Settings
+
+    if workers < 1:
+        raise UsageError(f"--workers: must be >= 1, got {workers}")
+    try:
+        settings = Settings()
+    except ValueError as e:
+        raise UsageError(f"ONEREC_* settings: {e}") from e
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="onerec-metrics-")
+    log.info("gateway on http://%s:%d (%d worker(s)); triton %s, redis %s", host, port, workers,
+             settings.triton_url, settings.redis_url)
+    uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers, log_level=log_level,
+                timeout_graceful_shutdown=10)
+
+
 if __name__ == "__main__":
     app()

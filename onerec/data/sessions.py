@@ -195,3 +195,16 @@ def build_sessions(interactions: Interactions, cfg: DataConfig) -> SessionSplit:
         len(split.train), len(split.val), len(split.test), len(split.train_interactions),
     )
     return split
+
+
+def latest_histories(interactions: Interactions, positive_rating: float, cap: int) -> list[tuple[int, np.ndarray]]:
+    """Each user's `cap` most recent positives, most recent first: what a live history store would hold now.
+
+    Same positives and order as the sessions' histories (rating >= positive_rating, by timestamp then video id)."""
+    g = group_positives(interactions, positive_rating)
+    items = g.positives.items
+    out = []
+    for user, start, count in zip(g.user_ids.tolist(), g.starts.tolist(), g.counts.tolist(), strict=True):
+        lo = start + max(0, count - cap)
+        out.append((user, items[lo : start + count][::-1].copy()))  # (<=cap,) most recent first
+    return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from onerec.errors import UsageError
+from onerec.serving.child import ChildProcess
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-class TritonServer:
+class TritonServer(ChildProcess):
     """One tritonserver process serving `model_repo`, its log in `workdir/tritonserver.log`."""
 
     def __init__(self, model_repo: Path, workdir: Path, ports: TritonPorts | None = None,
@@ -124,6 +124,7 @@ class TritonServer:
         self.ports = ports or TritonPorts()
         self.host = host
         self.log_path = self.workdir / "tritonserver.log"
+        self.name = "tritonserver"
         self.process: subprocess.Popen | None = None
 
     @property
@@ -156,30 +157,10 @@ class TritonServer:
         self.stop()
         raise RuntimeError(f"tritonserver not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
     def stop(self, timeout: float = 40.0) -> int | None:
         """SIGTERM (Triton drains in-flight requests), then SIGKILL after `timeout`; the exit code."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                logger.warning("tritonserver did not stop in %.0fs; killing it", timeout)
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        return self.process.returncode
-
-    def log_tail(self, lines: int = 40) -> str:
-        if not self.log_path.is_file():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return super().stop(timeout)
 
     def __enter__(self) -> TritonServer:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -12,6 +12,7 @@ from tests.conftest import ML100K, run_cli
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+@pytest.mark.timeout(2400)  # ~12 min alone on 2 cores; far more when the machine is shared
 @pytest.mark.skipif(not ML100K.is_dir(), reason=f"MovieLens 100K not found at {ML100K}")
 def test_small_preset_beats_most_popular_on_ml100k(tmp_path: Path):
     run = tmp_path / "ml-100k"

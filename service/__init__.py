@@ -1,0 +1,1 @@
+"""The FastAPI gateway: settings, schemas, routes, Redis history store, Triton client, catalog mapping, metrics."""

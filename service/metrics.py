@@ -1,0 +1,67 @@
+"""The gateway's Prometheus metrics (prometheus-client), one registry per app; multiprocess-aware `/metrics`."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+# Around the SLO: a CPU beam-128 request takes ~0.1-0.5 s, a GPU one ~10-50 ms, fallbacks ~1 ms.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5,
+                   2.0, 3.0, 5.0)
+HISTORY_BUCKETS = (0, 1, 5, 10, 20, 50, 100, 150, 200, 256)
+ROUTES = ("/recommend", "/events", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
+
+
+class Metrics:
+    """Every series the gateway exports; names are what the Grafana dashboards query."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_seconds = Histogram(
+            "onerec_gateway_request_seconds", "HTTP request latency by route", ["route"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("onerec_gateway_requests", "HTTP responses by route and status", ["route", "status"],
+                                registry=r)
+        self.stage_seconds = Histogram(
+            "onerec_gateway_stage_seconds", "Latency of one /recommend stage (redis, triton, mapping)", ["stage"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.recommendations = Counter("onerec_gateway_recommendations", "/recommend answers by source", ["source"],
+                                       registry=r)
+        self.fallbacks = Counter("onerec_gateway_fallbacks", "Popular answers by reason", ["reason"], registry=r)
+        self.unknown_videos = Counter("onerec_gateway_unknown_videos",
+                                      "History videos not in the served catalog (dropped)", registry=r)
+        self.backfilled_items = Counter("onerec_gateway_backfilled_items",
+                                        "Items taken from later sessions or popularity", registry=r)
+        self.model_items = Counter("onerec_gateway_model_items", "Items taken from the best generated session",
+                                   registry=r)
+        self.invalid_sids = Counter("onerec_gateway_invalid_sids", "Generated SIDs not in the catalog (must stay 0)",
+                                    registry=r)
+        self.collision_hits = Counter("onerec_gateway_collision_hits",
+                                      "Best-session items whose SID several videos share", registry=r)
+        self.history_length = Histogram("onerec_gateway_history_length", "Known history items sent to the model",
+                                         buckets=HISTORY_BUCKETS, registry=r)
+        self.catalog_mismatches = Counter("onerec_gateway_catalog_mismatches",
+                                          "Times the served model's catalog hash did not match", registry=r)
+        self.rejected = Counter("onerec_gateway_rejected", "Requests refused before work, by reason", ["reason"],
+                                registry=r)
+        self.events_stored = Counter("onerec_gateway_events_stored", "Videos appended to histories", registry=r)
+        self.ready = Gauge("onerec_gateway_ready", "1 when Redis, Triton and the catalog are all ready",
+                           multiprocess_mode="livemin", registry=r)
+        self.breaker_open = Gauge("onerec_gateway_circuit_open", "1 while the Triton circuit breaker is open",
+                                  multiprocess_mode="livemax", registry=r)
+        self.in_flight = Gauge("onerec_gateway_in_flight", "Requests being served", multiprocess_mode="livesum",
+                               registry=r)
+
+    def route_label(self, path: str) -> str:
+        return path if path in ROUTES else "other"
+
+    def exposition(self) -> bytes:
+        """The text format: this process's registry, or every worker's when PROMETHEUS_MULTIPROC_DIR is set."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

@@ -1,0 +1,78 @@
+"""The gateway's request and response bodies (pydantic v2): what `/docs` shows and what clients rely on."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SESSION_ITEMS = 5  # videos in every /recommend answer
+MAX_OVERRIDE_HISTORY = 1024  # longest `history` a caller may send (only the most recent history_len are used)
+MAX_EVENT_VIDEOS = 256  # videos per /events call
+USER_ID_PATTERN = r"^[A-Za-z0-9_:.\-]{1,128}$"
+
+UserId = Annotated[str, Field(min_length=1, max_length=128, pattern=USER_ID_PATTERN,
+                              description="1-128 characters of [A-Za-z0-9_:.-]", examples=["196"])]
+VideoId = Annotated[int, Field(ge=0, le=2**63 - 1, description="catalog video id")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RecommendRequest(_Strict):
+    user_id: UserId
+    exclude_seen: bool = Field(True, description="never return a video from the user's history")
+    history: list[VideoId] | None = Field(
+        None, max_length=MAX_OVERRIDE_HISTORY,
+        description="override the Redis history: video ids, most recent first (testing, callers with their own "
+                    "history store)")
+
+
+class Item(BaseModel):
+    video_id: int
+    rank: int = Field(description="1 = best")
+
+
+class RecommendResponse(BaseModel):
+    user_id: str
+    items: list[Item] = Field(description=f"exactly {SESSION_ITEMS} distinct videos")
+    source: Literal["model", "popular"]
+    model_version: str | None = Field(description="the Triton model version whose catalog mapped the answer")
+    request_id: str
+    fallback_reason: str | None = Field(
+        None, description="why popular items were served: cold_start, redis_unavailable, triton_unavailable, "
+                          "triton_timeout, triton_overloaded, triton_error, circuit_open, catalog_mismatch")
+
+
+class EventsRequest(_Strict):
+    user_id: UserId
+    video_ids: list[VideoId] = Field(
+        min_length=1, max_length=MAX_EVENT_VIDEOS, description="watched videos in watch order, the last most recent")
+
+
+class EventsResponse(BaseModel):
+    user_id: str
+    stored: int = Field(description="videos appended (acknowledged by Redis)")
+    history_length: int = Field(description="the user's history length after the append (capped)")
+    request_id: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    redis: bool
+    triton: bool
+    catalog: bool = Field(description="the catalog of the served model version is loaded and its hash matches")
+    model_version: str | None
+    detail: str | None = None
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="stable machine-readable error code")
+    message: str
+    field: str | None = Field(None, description="the offending request field, when there is one")
+    request_id: str | None = None

@@ -1,0 +1,45 @@
+"""Gateway settings: one `Settings(BaseSettings)` read from `ONEREC_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the gateway reads from its environment (`ONEREC_REDIS_URL`, `ONEREC_TRITON_URL`, ...)."""
+
+    model_config = SettingsConfigDict(env_prefix="ONEREC_", extra="ignore", frozen=True)
+
+    # Redis history store (DESIGN.md §4): LIST `{history_prefix}{user_id}`, most recent first, capped.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    history_prefix: str = "onerec:history:"
+    history_len: int = Field(256, ge=1, le=4096, description="videos kept per user and read per request")
+    redis_timeout_s: float = Field(0.25, gt=0, description="bound on each Redis command")
+
+    # Triton model `onerec` and the repository its catalog is read from.
+    triton_url: str = "127.0.0.1:8001"
+    model_name: str = "onerec"
+    model_repo: Path = Path("model_repo")
+    beam_width: int = Field(128, ge=1, le=1024)
+    num_sessions: int = Field(16, ge=1, le=1024, description="generated sessions asked for (backfill pool)")
+    triton_timeout_s: float = Field(2.0, gt=0, description="deadline of one inference call")
+    breaker_failures: int = Field(3, ge=1, description="consecutive Triton failures that open the circuit")
+    breaker_reset_s: float = Field(1.0, gt=0, description="seconds the circuit stays open before one probe")
+    sync_interval_s: float = Field(5.0, gt=0, description="how often the served model version is re-checked")
+
+    # Admission and abuse limits.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated; empty = open")
+    max_concurrency: int = Field(64, ge=1, description="requests in flight before 503 + Retry-After")
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503s")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value

@@ -1,0 +1,191 @@
+"""The gateway in a real uvicorn process over a real redis-server and the real tritonserver, on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from onerec.config import BeamConfig
+from onerec.data.sessions import Sessions
+from onerec.model.generate import generate
+from onerec.model.onerec import load_model
+from onerec.recommend import sessions_to_videos
+from onerec.serving.triton import TritonPorts, TritonServer, free_ports
+from onerec.tokenizer.catalog import Catalog
+from service.process import GatewayProcess
+from service.redis_server import RedisServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+BEAM = BeamConfig(beam_width=16, num_sessions=4)
+TRITON_TIMEOUT_S = 10.0
+
+
+class Stack:
+    """Redis + Triton + gateway; the tests stop and restart the first two on the same ports."""
+
+    def __init__(self, repo: Path, work: Path) -> None:
+        self.repo, self.work = repo, work
+        redis_port, gateway_port, *triton_ports = free_ports(5)
+        self.redis = RedisServer(work / "redis", redis_port)
+        self.triton_ports = TritonPorts(*triton_ports)
+        self.triton = TritonServer(repo, work / "triton", self.triton_ports)
+        self.gateway = GatewayProcess(gateway_port, {
+            "ONEREC_REDIS_URL": self.redis.url, "ONEREC_TRITON_URL": self.triton.grpc_url,
+            "ONEREC_MODEL_REPO": str(repo), "ONEREC_BEAM_WIDTH": str(BEAM.beam_width),
+            "ONEREC_NUM_SESSIONS": str(BEAM.num_sessions), "ONEREC_TRITON_TIMEOUT_S": str(TRITON_TIMEOUT_S),
+            "ONEREC_BREAKER_RESET_S": "0.5", "ONEREC_SYNC_INTERVAL_S": "1"}, work / "gateway.log")
+
+    def restart_triton(self) -> None:
+        self.triton = TritonServer(self.repo, self.work / "triton", self.triton_ports).start()
+
+    def restart_redis(self) -> None:
+        self.redis = RedisServer(self.work / "redis", self.redis.port).start()
+
+    def post(self, path: str, body: dict, timeout: float = 30.0) -> tuple[int, dict, dict]:
+        request = urllib.request.Request(self.gateway.url + path, json.dumps(body).encode(),
+                                         {"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+                return response.status, json.loads(response.read()), {k.lower(): v for k, v in response.headers.items()}
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read()), {k.lower(): v for k, v in e.headers.items()}
+
+
+@pytest.fixture(scope="module")
+def stack(exported_repo: Path, tmp_path_factory: pytest.TempPathFactory):
+    s = Stack(exported_repo, tmp_path_factory.mktemp("gateway-stack"))
+    s.redis.start()
+    s.triton.start()
+    try:
+        s.gateway.start()
+    except RuntimeError:
+        s.triton.stop()
+        s.redis.stop()
+        raise
+    yield s
+    s.gateway.stop()
+    s.triton.stop()
+    s.redis.stop()
+
+
+@pytest.fixture(scope="module")
+def catalog(exported_repo: Path) -> Catalog:
+    return Catalog.load(exported_repo / "onerec" / "1")
+
+
+@pytest.fixture(scope="module")
+def test_histories(tiny_run: Path) -> list[list[int]]:
+    sessions = Sessions.load(tiny_run / "data" / "sessions_test.npz")
+    return [sessions.history_of(i)[:32].tolist() for i in range(len(sessions)) if len(sessions.history_of(i)) >= 3]
+
+
+def five_distinct(body: dict, catalog: Catalog) -> list[int]:
+    videos = [item["video_id"] for item in body["items"]]
+    assert len(videos) == 5 and len(set(videos)) == 5
+    assert np.all(catalog.rows_of(videos) >= 0), "every video is in the catalog"
+    return videos
+
+
+def test_ready_and_pinned(stack):
+    with urllib.request.urlopen(stack.gateway.url + "/readyz") as response:  # noqa: S310
+        assert response.status == 200
+        body = json.loads(response.read())
+    assert body == {"ready": True, "redis": True, "triton": True, "catalog": True, "model_version": "1",
+                    "detail": None}
+
+
+def test_events_then_recommend(stack, catalog, test_histories):
+    watched = test_histories[0][:10][::-1]  # oldest first, as events arrive
+    status, body, _ = stack.post("/events", {"user_id": "it:user-1", "video_ids": watched})
+    assert status == 200 and body["stored"] == 10 and body["history_length"] == 10
+    stored = redis.Redis.from_url(stack.redis.url).lrange("onerec:history:it:user-1", 0, -1)
+    assert [int(v) for v in stored] == watched[::-1]  # most recent first
+    status, body, headers = stack.post("/recommend", {"user_id": "it:user-1"})
+    assert status == 200 and body["source"] == "model", body
+    videos = five_distinct(body, catalog)
+    assert not set(videos) & set(watched), "nothing from the history"
+    assert headers["x-request-id"] == body["request_id"]
+
+
+def test_override_history_equals_torch_reference(stack, catalog, test_histories, tiny_run):
+    model = load_model(tiny_run / "model")
+    for k, history in enumerate(test_histories[1:4]):
+        sids = catalog.sids_of(history)
+        sids = sids[sids[:, 0] >= 0]
+        want = generate(model, catalog.trie, [sids], BEAM, exclude=[catalog.trie.leaf_of(sids)])
+        expected = sessions_to_videos(catalog, want.leaves[0].numpy(), exclude=history, k=5).video_ids
+        status, body, _ = stack.post("/recommend", {"user_id": f"ref-{k}", "history": history})
+        assert status == 200 and body["source"] == "model"
+        assert [item["video_id"] for item in body["items"]] == expected
+
+
+def test_cold_start_user_gets_popular(stack, catalog):
+    status, body, _ = stack.post("/recommend", {"user_id": "never-seen"})
+    assert status == 200 and body["source"] == "popular" and body["fallback_reason"] == "cold_start"
+    assert [item["video_id"] for item in body["items"]] == catalog.most_popular(5).tolist()
+
+
+def test_triton_killed_falls_back_then_recovers_within_5s(stack, catalog, test_histories):
+    request = {"user_id": "it:kill", "history": test_histories[4]}
+    os.killpg(stack.triton.process.pid, signal.SIGKILL)
+    stack.triton.process.wait()
+    reasons = []
+    for _ in range(5):
+        start = time.monotonic()
+        status, body, _ = stack.post("/recommend", request)
+        assert time.monotonic() - start < TRITON_TIMEOUT_S + 2
+        assert status == 200 and body["source"] == "popular"
+        five_distinct(body, catalog)
+        reasons.append(body["fallback_reason"])
+    assert set(reasons) <= {"triton_unavailable", "circuit_open"} and "circuit_open" in reasons
+    stack.restart_triton()
+    ready_at = time.monotonic()
+    while True:
+        status, body, _ = stack.post("/recommend", request)
+        if body["source"] == "model":
+            break
+        assert time.monotonic() - ready_at < 5.0, f"still {body['fallback_reason']} 5 s after Triton was ready"
+        time.sleep(0.1)
+    five_distinct(body, catalog)
+
+
+def test_redis_stopped_events_503_and_nothing_acknowledged_is_lost(stack, catalog):
+    acknowledged = []
+    for i in range(20):
+        status, _, _ = stack.post("/events", {"user_id": f"it:ack-{i % 3}", "video_ids": [int(i)]})
+        assert status == 200
+        acknowledged.append((f"it:ack-{i % 3}", i))
+    stack.redis.stop()
+    status, body, headers = stack.post("/events", {"user_id": "it:ack-0", "video_ids": [999]})
+    assert status == 503 and body["code"] == "redis_unavailable" and int(headers["retry-after"]) >= 1
+    start = time.monotonic()
+    status, body, _ = stack.post("/recommend", {"user_id": "it:ack-0"})
+    assert time.monotonic() - start < 2.0
+    assert status == 200 and body["source"] == "popular" and body["fallback_reason"] == "redis_unavailable"
+    with pytest.raises(urllib.error.HTTPError) as not_ready:
+        urllib.request.urlopen(stack.gateway.url + "/readyz")  # noqa: S310
+    assert not_ready.value.code == 503
+    stack.restart_redis()
+    client = redis.Redis.from_url(stack.redis.url)
+    for user, video in acknowledged:
+        assert str(video).encode() in client.lrange(f"onerec:history:{user}", 0, -1), (user, video)
+    assert b"999" not in client.lrange("onerec:history:it:ack-0", 0, -1)  # refused, so not stored
+    status, _, _ = stack.post("/events", {"user_id": "it:ack-0", "video_ids": [1000]})
+    assert status == 200  # the pool reconnects on its own
+
+
+def test_metrics_count_what_happened(stack):
+    with urllib.request.urlopen(stack.gateway.url + "/metrics") as response:  # noqa: S310
+        text = response.read().decode()
+    for line in ('onerec_gateway_fallbacks_total{reason="cold_start"}', 'onerec_gateway_fallbacks_total{reason='
+                 '"redis_unavailable"}', 'onerec_gateway_stage_seconds_count{stage="triton"}'):
+        assert line in text
+    assert "onerec_gateway_invalid_sids_total 0.0" in text

@@ -14,15 +14,15 @@ from onerec.serving import layout
 
 # Shapes legend: n history items, L levels, R sessions, m items per session.
 
-# Reconnect quickly after a Triton restart (gRPC's default backoff grows to 120 s).
+# Reconnect quickly after a Triton restart (gRPC's default backoff grows to 120 s). No keepalive pings: Triton's
+# server answers pings more frequent than its min-recv-ping interval (5 min) with GOAWAY; call deadlines bound a
+# dead server instead.
 CHANNEL_ARGS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
 ]
 
 

@@ -157,6 +157,21 @@ def test_triton_killed_falls_back_then_recovers_within_5s(stack, catalog, test_h
     five_distinct(body, catalog)
 
 
+def test_redis_hanging_recommend_answers_within_budget_and_events_are_refused(stack):
+    stack.redis.pause()  # SIGSTOP: connections are accepted, nothing is answered
+    try:
+        start = time.monotonic()
+        status, body, _ = stack.post("/recommend", {"user_id": "it:user-1"})
+        assert time.monotonic() - start < 2.0  # redis_timeout_s 0.25 + the popular answer
+        assert status == 200 and body["fallback_reason"] == "redis_unavailable"
+        status, body, _ = stack.post("/events", {"user_id": "it:hang", "video_ids": [5]})
+        assert status == 503 and body["code"] == "redis_unavailable"
+    finally:
+        stack.redis.resume()
+    status, _, _ = stack.post("/events", {"user_id": "it:hang", "video_ids": [6]})
+    assert status == 200
+
+
 def test_redis_stopped_events_503_and_nothing_acknowledged_is_lost(stack, catalog):
     acknowledged = []
     for i in range(20):

@@ -153,8 +153,7 @@ def measure(port: int, grpc_url: str, catalog: Catalog, histories: list[tuple[st
     direct_client = grpcclient.InferenceServerClient(grpc_url)
     e2e, triton_ms, queue_ms, direct, sources, call_ms = [], [], [], [], [], []
     for i, (user, history) in enumerate(users):
-        sids = catalog.sids_of(history)
-        sids = sids[sids[:, 0] >= 0][:256]
+        sids = catalog.known_sids(history)[:256]
         before = triton_ns(stats_client)
         start = time.perf_counter()
         conn.request("POST", "/recommend", json.dumps({"user_id": user}), {"content-type": "application/json"})

@@ -15,7 +15,6 @@ import torch
 from export.onnx_graphs import export_graphs
 from onerec.config import BeamConfig
 from onerec.data.sessions import Sessions
-from onerec.eval import known_sids
 from onerec.model.generate import generate, pad_histories
 from onerec.model.onerec import OneRecModel
 from onerec.serving.engine import Engine, OnnxModel
@@ -44,7 +43,7 @@ def held_out_histories(catalog: Catalog, sessions: Sessions, users: int, max_len
     """SID histories (n, L) of the first `users` held-out users with a known history item, <= max_len."""
     out = []
     for i in range(len(sessions)):
-        sids = known_sids(catalog, sessions.history_of(i))[:max_len]
+        sids = catalog.known_sids(sessions.history_of(i))[:max_len]
         if len(sids):
             out.append(sids)
         if len(out) == users:

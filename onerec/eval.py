@@ -87,7 +87,7 @@ def evaluate(
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         histories_video = [sessions.history_of(i) for i in chunk]
-        histories = [known_sids(catalog, h) for h in histories_video]
+        histories = [catalog.known_sids(h) for h in histories_video]
         exclude = [catalog.leaves_of(h) for h in histories_video]
         result = generate(model, catalog.trie, histories, beam, exclude=[e[e >= 0] for e in exclude],
                           device=device)
@@ -118,7 +118,3 @@ def evaluate(
     )
 
 
-def known_sids(catalog: Catalog, videos: np.ndarray) -> np.ndarray:
-    """History SIDs (n, L), most recent first, unknown videos dropped."""
-    sids = catalog.sids_of(videos)
-    return sids[sids[:, 0] >= 0]

@@ -57,6 +57,7 @@ class Recommender:
         self.store, self.model, self.pinned, self.metrics = store, model, pinned, metrics
         self.history_len = history_len
         self.on_version_change = on_version_change
+        self._resyncs: set[asyncio.Task] = set()
 
     async def recommend(self, user_id: str, exclude_seen: bool = True, history: list[int] | None = None,
                         request_id: str = "") -> Outcome:
@@ -88,11 +89,10 @@ class Recommender:
                         request_id: str, timings: dict[str, float]) -> tuple[str | None, ModelAnswer | None]:
         """(fallback reason or None, the model's answer)."""
         window = videos[: self.history_len]
-        sids = pin.catalog.sids_of(window).reshape(len(window), pin.catalog.levels)  # (n, L), -1 rows = unknown
-        is_known = sids[:, 0] >= 0
-        known = sids[is_known][: pin.max_history]  # (n', L) most recent first
-        if not is_known.all():
-            self.metrics.unknown_videos.inc(int((~is_known).sum()))
+        known = pin.catalog.known_sids(window)  # (n', L) most recent first
+        if len(known) < len(window):
+            self.metrics.unknown_videos.inc(len(window) - len(known))
+        known = known[: pin.max_history]
         self.metrics.history_length.observe(len(known))
         if len(known) == 0:
             return "cold_start", None
@@ -108,8 +108,10 @@ class Recommender:
             log.warning("triton answered with version %s but the gateway pinned %s; re-syncing",
                         answer.model_version, pin.version)
             self.metrics.catalog_mismatches.inc()
-            if self.on_version_change is not None:
-                asyncio.get_running_loop().create_task(self.on_version_change())
+            if self.on_version_change is not None:  # keep a reference: the loop holds tasks only weakly
+                task = asyncio.get_running_loop().create_task(self.on_version_change())
+                self._resyncs.add(task)
+                task.add_done_callback(self._resyncs.discard)
             return "catalog_mismatch", None
         return None, answer
 

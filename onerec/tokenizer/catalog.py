@@ -97,6 +97,11 @@ class Catalog:
         out[rows < 0] = -1
         return out
 
+    def known_sids(self, video_ids: Any) -> np.ndarray:
+        """SIDs (n, L) int64 of `video_ids` in order (history: most recent first), unknown videos dropped."""
+        sids = self.sids_of(video_ids)
+        return sids[sids[:, 0] >= 0]
+
     def leaves_of(self, video_ids: Any) -> np.ndarray:
         """Trie leaf ids (M,) int64 of `video_ids`, -1 for unknown videos."""
         rows = self.rows_of(video_ids)

@@ -7,7 +7,7 @@ DATA ?= ../shared/data/ml-100k
 RUN ?= runs/ml-100k
 PRESET ?= small
 
-.PHONY: install demo test test-fast lint bench bench-quick export triton serve clean help
+.PHONY: install tools demo down evaluate loadtest test test-fast lint bench bench-quick export triton serve clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -22,13 +22,31 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-demo: install  ## ml-100k end to end: prepare -> tokenize -> train (small) -> evaluate; reuses finished stages
+tools:  ## Debian tools the stack tests use: prometheus (unpacked into .tools/), docker-compose (validator)
+	bash scripts/install-tools.sh
+
+demo: install  ## ml-100k end to end: prepare -> tokenize -> train (small) -> onerec up (export, Redis, Triton, gateway) -> recommendations; reuses what is built
 	$(BIN)/onerec prepare --source movielens --path $(DATA) --out $(RUN) --reuse
 	$(BIN)/onerec tokenize --run $(RUN) --reuse
 	$(BIN)/onerec train --run $(RUN) --preset $(PRESET) --reuse
+	$(BIN)/onerec up --run $(RUN)
+	$(BIN)/onerec recommend --run $(RUN) --count 3
+	@echo
+	@echo "The stack keeps running: curl -s -XPOST localhost:8080/recommend -H 'content-type: application/json' -d '{\"user_id\": \"1\"}'"
+	@echo "Load-test it with 'make loadtest'; stop it with '$(BIN)/onerec down --run $(RUN)' (or 'make down')."
+
+LOADTEST_ARGS ?=
+
+loadtest: install  ## locust headless against the running local stack (make demo / onerec up); results in runs/loadtest/<UTC time>/
+	$(BIN)/python -m loadtest.run --run $(RUN) $(LOADTEST_ARGS)
+
+down: install  ## stop the stack `make demo` / `onerec up` started
+	$(BIN)/onerec down --run $(RUN)
+
+evaluate: install  ## offline Recall@5 / NDCG@5 of the demo run on its held-out users (beam 128)
 	$(BIN)/onerec evaluate --run $(RUN)
 
-test: install  ## the whole test suite, integration and slow tests included
+test: install tools  ## the whole test suite, integration and slow tests included
 	$(BIN)/python -m pytest
 
 test-fast: install  ## unit tests only
@@ -57,4 +75,4 @@ serve: install  ## the gateway on 127.0.0.1:8080 (ONEREC_* settings; Redis and `
 	$(BIN)/onerec serve
 
 clean:  ## remove the venv and generated runs
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .tools .pytest_cache .ruff_cache

@@ -365,6 +365,7 @@ def triton(
     except RuntimeError as e:
         raise UsageError(str(e).splitlines()[0] + f" (log: {server.log_path})") from e
     typer.echo(f"tritonserver ready: http {server.http_url}  grpc {server.grpc_url}  log {server.log_path}")
+    (server.workdir / "tritonserver.pid").write_text(f"{server.process.pid}\n")  # `onerec down`'s last resort
     stop = {"now": False}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.update(now=True))
@@ -396,6 +397,10 @@ def load_histories(
                             "histories, so /recommend can be scored against the held-out targets.")
     ] = HistorySplit.latest,
     batch: Annotated[int, typer.Option(help="Users per pipelined MULTI/EXEC.")] = 500,
+    users_out: Annotated[Path | None, typer.Option(
+        help="Also write the loaded user ids here, one per line (what the load tests draw from).")] = None,
+    videos_out: Annotated[Path | None, typer.Option(
+        help="Also write the run catalog's video ids here, most popular first (what the load tests post).")] = None,
 ) -> None:
     """Replace the users' Redis histories with the run's (most recent first); prints a JSON summary."""
     import time
@@ -428,6 +433,15 @@ def load_histories(
     finally:
         client.close()
     seconds = time.perf_counter() - start
+    if users_out is not None:
+        users_out.parent.mkdir(parents=True, exist_ok=True)
+        users_out.write_text("".join(f"{user}\n" for user, _ in histories))
+    if videos_out is not None:
+        from onerec.tokenizer.catalog import Catalog
+
+        catalog = Catalog.load(run.catalog)
+        videos_out.parent.mkdir(parents=True, exist_ok=True)
+        videos_out.write_text("".join(f"{int(v)}\n" for v in catalog.video_ids[catalog.popular_order]))
     log.info("loaded %d histories (%d videos) into %s in %.1fs", users, videos, redis_url, seconds)
     typer.echo(json.dumps({"users": users, "videos": videos, "histories": which.value, "seconds": round(seconds, 2)}))
 
@@ -460,6 +474,93 @@ def serve(
              settings.triton_url, settings.redis_url)
     uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers, log_level=log_level,
                 timeout_graceful_shutdown=10)
+
+
+# --- the local stack -----------------------------------------------------------------------------------------
+
+StateOption = Annotated[Path | None, typer.Option(help="Where the stack keeps pids, logs, data (default RUN/stack).")]
+
+
+@app.command()
+@user_errors
+def up(
+    run_dir: RunOption,
+    model_repo: Annotated[Path | None, typer.Option(
+        help="Triton model repository (default RUN/model_repo); the run is exported into it when needed.")] = None,
+    state_dir: StateOption = None,
+    host: Annotated[str, typer.Option(help="Address every server listens on.")] = "127.0.0.1",
+    gateway_port: Annotated[int, typer.Option(help="Gateway HTTP port.")] = 8080,
+    redis_port: Annotated[int, typer.Option(help="Redis port.")] = 6379,
+    triton_http_port: Annotated[int, typer.Option(help="Triton HTTP port.")] = 8000,
+    triton_grpc_port: Annotated[int, typer.Option(help="Triton gRPC port.")] = 8001,
+    triton_metrics_port: Annotated[int, typer.Option(help="Triton metrics port.")] = 8002,
+    workers: Annotated[int, typer.Option(help="Gateway worker processes.")] = 1,
+    beam_width: Annotated[int, typer.Option(help="Beam width the gateway asks for.")] = 128,
+    precision: Annotated[Precision, typer.Option(help="Export precision when the run must be exported.")] = (
+        Precision.auto),
+    timeout: Annotated[float, typer.Option(help="Seconds each server may take to become ready.")] = 300.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the stack state as JSON.")] = False,
+) -> None:
+    """Start Redis, tritonserver and the gateway for a trained run (exporting it if needed), load the users'
+    histories, and return once the gateway's /readyz is ready. The processes keep running: `onerec down` stops them."""
+    from onerec.serving.triton import TritonPorts
+    from service.stack import Stack, StackConfig
+
+    if workers < 1 or beam_width < 1:
+        raise UsageError(f"--workers and --beam-width must be >= 1, got {workers} and {beam_width}")
+    cfg = StackConfig(run=run_dir, model_repo=model_repo, state_dir=state_dir, host=host, gateway_port=gateway_port,
+                      redis_port=redis_port, triton_ports=TritonPorts(triton_http_port, triton_grpc_port,
+                                                                      triton_metrics_port),
+                      workers=workers, beam_width=beam_width, precision=precision.value, timeout_s=timeout)
+    state = Stack(cfg).up()
+    if as_json:
+        from dataclasses import asdict
+
+        typer.echo(json.dumps(asdict(state)))
+        return
+    typer.echo(f"gateway   {state.gateway_url}   (model version {state.model_version}, repo {state.model_repo})")
+    typer.echo(f"triton    {state.triton_http_url}   metrics {state.triton_metrics_url}")
+    typer.echo(f"redis     {state.redis_url}")
+    typer.echo(f"logs      {Path(state.logs['gateway']).parent}")
+    typer.echo(f"stop it with: onerec down --run {run_dir}")
+
+
+@app.command()
+@user_errors
+def down(run_dir: RunOption, state_dir: StateOption = None) -> None:
+    """Stop the stack `onerec up` started for RUN (gateway, then Triton, then Redis); prints what it stopped."""
+    from service.stack import Stack, StackConfig
+
+    stopped = Stack(StackConfig(run=run_dir, state_dir=state_dir)).down()
+    typer.echo(json.dumps(stopped) if stopped else "nothing running")
+
+
+@app.command()
+@user_errors
+def status(run_dir: RunOption, state_dir: StateOption = None) -> None:
+    """The stack of RUN as JSON: URLs, pids, which processes are alive, and the gateway's /readyz."""
+    from service.stack import Stack, StackConfig
+
+    typer.echo(json.dumps(Stack(StackConfig(run=run_dir, state_dir=state_dir)).status()))
+
+
+@app.command()
+@user_errors
+def recommend(
+    run_dir: RunOption,
+    user: Annotated[list[str] | None, typer.Option(help="User id (repeatable; default: a few loaded users).")] = None,
+    count: Annotated[int, typer.Option(help="Users to ask for when no --user is given.")] = 3,
+    state_dir: StateOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON line per answer.")] = False,
+) -> None:
+    """Ask the running stack for recommendations and print them with titles (MovieLens u.item when the run has it)."""
+    from service.stack import Stack, StackConfig, ask_gateway, describe
+
+    stack = Stack(StackConfig(run=run_dir, state_dir=state_dir))
+    answers = ask_gateway(stack.running(), user or [], count)
+    titles = {} if as_json else stack.titles()
+    for answer in answers:
+        typer.echo(json.dumps(answer) if as_json else describe(answer, titles))
 
 
 if __name__ == "__main__":

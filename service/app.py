@@ -135,6 +135,7 @@ class Edge:
             body = await self._read_body(receive, headers)
             if body is None:
                 status["code"] = 413
+                self.metrics.rejected.labels("body_too_large").inc()
                 await self._refuse(scope, receive, send, request_id, 413, "body_too_large",
                                    f"body over {self.max_body} bytes", None, "body")
                 return
@@ -206,6 +207,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Generative recommendation: POST /recommend returns a 5-video session.")
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.metrics.initialise()
     app.state.admission = Admission(settings.max_concurrency, settings.retry_after_s)
     app.state.services = None
     install_handlers(app)

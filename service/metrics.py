@@ -11,6 +11,10 @@ from prometheus_client.multiprocess import MultiProcessCollector
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5,
                    2.0, 3.0, 5.0)
 HISTORY_BUCKETS = (0, 1, 5, 10, 20, 50, 100, 150, 200, 256)
+STAGES = ("redis", "triton", "mapping")
+FALLBACK_REASONS = ("cold_start", "redis_unavailable", "triton_unavailable", "triton_timeout", "triton_overloaded",
+                    "triton_error", "circuit_open", "catalog_mismatch")
+REJECT_REASONS = ("overloaded", "body_too_large")
 ROUTES = ("/recommend", "/events", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
 
 
@@ -52,8 +56,24 @@ class Metrics:
                            multiprocess_mode="livemin", registry=r)
         self.breaker_open = Gauge("onerec_gateway_circuit_open", "1 while the Triton circuit breaker is open",
                                   multiprocess_mode="livemax", registry=r)
+        self.unique_items = Gauge("onerec_gateway_unique_items_served",
+                                  "Distinct videos returned by /recommend over the window (HyperLogLog in Redis)",
+                                  ["window"], multiprocess_mode="max", registry=r)
+        self.catalog_items = Gauge("onerec_gateway_catalog_items", "Videos in the served catalog",
+                                   multiprocess_mode="max", registry=r)
         self.in_flight = Gauge("onerec_gateway_in_flight", "Requests being served", multiprocess_mode="livesum",
                                registry=r)
+
+    def initialise(self) -> None:
+        """Every known label value at 0, so rate() over them has data before the first event (dashboards)."""
+        for reason in FALLBACK_REASONS:
+            self.fallbacks.labels(reason)
+        for source in ("model", "popular"):
+            self.recommendations.labels(source)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
 
     def route_label(self, path: str) -> str:
         return path if path in ROUTES else "other"

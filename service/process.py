@@ -6,13 +6,13 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from onerec.serving.child import ChildProcess
+from service.commands import gateway_args, local_command
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,7 @@ class GatewayProcess(ChildProcess):
     def start(self, ready_timeout: float = 60.0, require_ready: bool = True) -> GatewayProcess:
         """Start; return once /healthz answers (and /readyz says ready when `require_ready`)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "onerec.cli", "serve", "--host", self.host, "--port", str(self.port),
-                   "--workers", str(self.workers)]
+        command = local_command(gateway_args(self.host, self.port, self.workers))
         env = {**os.environ, **self.settings, "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,

@@ -16,6 +16,7 @@ import numpy as np
 
 from onerec.recommend import sessions_to_videos
 from service.catalog import Pinned
+from service.coverage import ServedItems
 from service.history import History, HistoryError
 from service.metrics import Metrics
 from service.model_client import ModelAnswer, ModelError
@@ -53,8 +54,10 @@ class Recommender:
     """Holds the store, the model client and the pinned catalog; `recommend` never raises for a dependency."""
 
     def __init__(self, store: HistoryStore, model: ModelClient, pinned: Callable[[], Pinned | None],
-                 metrics: Metrics, history_len: int, on_version_change: Callable[[], Awaitable[None]] | None = None):
+                 metrics: Metrics, history_len: int, on_version_change: Callable[[], Awaitable[None]] | None = None,
+                 served: ServedItems | None = None):
         self.store, self.model, self.pinned, self.metrics = store, model, pinned, metrics
+        self.served = served  # unique-items sketch (None: not tracked)
         self.history_len = history_len
         self.on_version_change = on_version_change
         self._resyncs: set[asyncio.Task] = set()
@@ -62,6 +65,13 @@ class Recommender:
     async def recommend(self, user_id: str, exclude_seen: bool = True, history: list[int] | None = None,
                         request_id: str = "") -> Outcome:
         """The session for `user_id`; `history` (video ids, most recent first) overrides Redis when given."""
+        outcome = await self._recommend(user_id, exclude_seen, history, request_id)
+        if self.served is not None:
+            self.served.record(outcome.video_ids)
+        return outcome
+
+    async def _recommend(self, user_id: str, exclude_seen: bool, history: list[int] | None,
+                         request_id: str) -> Outcome:
         videos: list[int] | None = history
         reason: str | None = None
         timings: dict[str, float] = {}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from onerec.errors import UsageError
 from service.catalog import Pinned, load_latest, load_version
+from service.coverage import ServedItems
 from service.history import RedisHistory, open_redis
 from service.metrics import Metrics
 from service.model_client import CircuitBreaker, ModelError, TritonModel
@@ -76,8 +77,9 @@ class Services:
         self.model = TritonModel(settings.triton_url, settings.model_name, settings.triton_timeout_s,
                                  settings.beam_width, settings.num_sessions, self.breaker)
         self.pin = VersionPin(Path(settings.model_repo) / settings.model_name, self.model, metrics)
+        self.served = ServedItems(self.history.client, settings.served_prefix, settings.redis_timeout_s)
         self.recommender = Recommender(self.history, self.model, self.pin.pinned, metrics, settings.history_len,
-                                       on_version_change=self.pin.sync)
+                                       on_version_change=self.pin.sync, served=self.served)
         self._task: asyncio.Task | None = None
 
     async def open(self) -> Services:
@@ -94,7 +96,17 @@ class Services:
                 log.exception("version sync failed")
                 matched = False
             self.metrics.breaker_open.set(int(self.breaker.state != "closed"))
+            await self._update_gauges()
             await asyncio.sleep(self.settings.sync_interval_s if matched else min(1.0, self.settings.sync_interval_s))
+
+    async def _update_gauges(self) -> None:
+        """Catalog size and unique items served over the last hour (left as they were when Redis is down)."""
+        pin = self.pin.pinned()
+        if pin is not None:
+            self.metrics.catalog_items.set(pin.catalog.num_items)
+        unique = await self.served.count()
+        if unique is not None:
+            self.metrics.unique_items.labels("1h").set(unique)
 
     async def readiness(self) -> Readiness:
         redis_ok, triton_ok = await asyncio.gather(self.history.ping(), self.model.ready())
@@ -114,4 +126,5 @@ class Services:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self.served.drain()
         await asyncio.gather(self.history.close(), self.model.close(), return_exceptions=True)

@@ -19,6 +19,7 @@ class Settings(BaseSettings):
     history_prefix: str = "onerec:history:"
     history_len: int = Field(256, ge=1, le=4096, description="videos kept per user and read per request")
     redis_timeout_s: float = Field(0.25, gt=0, description="bound on each Redis command")
+    served_prefix: str = Field("onerec:served:", description="per-minute HyperLogLog of the videos served")
 
     # Triton model `onerec` and the repository its catalog is read from.
     triton_url: str = "127.0.0.1:8001"

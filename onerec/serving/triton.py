@@ -26,6 +26,10 @@ from onerec.serving.child import ChildProcess
 logger = logging.getLogger(__name__)
 
 
+# --exit-timeout-secs: how long Triton drains in-flight requests on SIGTERM (compose's stop_grace_period exceeds it).
+EXIT_TIMEOUT_S = 30
+
+
 @dataclass(frozen=True)
 class TritonPorts:
     http: int = 8000
@@ -86,7 +90,7 @@ def server_env() -> dict[str, str]:
 
 
 def server_command(model_repo: Path, backends: Path, ports: TritonPorts, host: str = "127.0.0.1",
-                   exit_timeout: int = 30) -> list[str]:
+                   exit_timeout: int = EXIT_TIMEOUT_S) -> list[str]:
     """The tritonserver command line; the Docker image runs the same flags with its own binary."""
     return [
         str(wheel_root() / "bin" / "tritonserver"),

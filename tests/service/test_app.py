@@ -261,6 +261,17 @@ def test_probes_and_metrics(gateway):
     assert 'onerec_gateway_requests_total{route="/recommend",status="200"} 1.0' in text
 
 
+def test_known_label_values_exist_at_zero_before_anything_happens():
+    """Dashboards rate() over these: every known reason, source and stage is exported from the start."""
+    text = build_gateway().client.get("/metrics").text
+    for series in ('onerec_gateway_fallbacks_total{reason="cold_start"} 0.0',
+                   'onerec_gateway_fallbacks_total{reason="circuit_open"} 0.0',
+                   'onerec_gateway_recommendations_total{source="model"} 0.0',
+                   'onerec_gateway_rejected_total{reason="body_too_large"} 0.0',
+                   'onerec_gateway_stage_seconds_count{stage="triton"} 0.0'):
+        assert series in text
+
+
 def test_readyz_503_says_what_is_missing():
     not_ready = Readiness(ready=False, redis=True, triton=False, catalog=False, model_version=None,
                           detail="triton model not ready")

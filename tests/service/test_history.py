@@ -145,3 +145,43 @@ def read_json_line(out: str) -> dict:
     import json
 
     return json.loads(out.strip().splitlines()[-1])
+
+
+def test_served_items_counts_distinct_videos_over_the_window(server):
+    from service.coverage import ServedItems
+
+    async def scenario():
+        client = open_redis(server.url, 0.5)
+        served = ServedItems(client, "test:served:", 0.5)
+        try:
+            t0 = 1_700_000_000.0  # the start of minute 28_333_333
+            served.record([1, 2, 3, 4, 5], now=t0)
+            served.record([4, 5, 6, 7, 8], now=t0 + 30)  # same minute: 8 distinct so far
+            served.record([9, 10, 11, 12, 13], now=t0 + 61)  # next minute
+            await served.drain()
+            within = await served.count(now=t0 + 61)  # both minutes
+            last_minute = await served.count(now=t0 + 61, minutes=1)
+            later = await served.count(now=t0 + 3600 + 61)  # the first two minutes left the window
+            ttl = await client.ttl(served.key(t0))
+            return within, last_minute, later, ttl
+        finally:
+            await client.aclose()
+
+    within, last_minute, later, ttl = run(scenario())
+    assert (within, last_minute, later) == (13, 5, 0)  # HyperLogLog is exact at these sizes
+    assert 0 < ttl <= 2 * 3600
+
+
+def test_served_items_never_fails_when_redis_is_down():
+    from service.coverage import ServedItems
+
+    async def scenario():
+        client = open_redis(f"redis://127.0.0.1:{free_ports(1)[0]}/0", 0.2)
+        served = ServedItems(client, "x:", 0.2)
+        served.record([1, 2])
+        await served.drain()
+        count = await served.count()
+        await client.aclose()
+        return count
+
+    assert run(scenario()) is None

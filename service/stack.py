@@ -1,0 +1,380 @@
+"""The local stack behind `onerec up` / `onerec down`: redis-server, tritonserver and the gateway as detached processes.
+
+The container commands in docker-compose.yml are the argument lists built here (`*_args`), so the local stack
+and the tests cover what the containers run. Everything a stack writes lives in one state directory (default
+`RUN/stack/`): `stack.json` (URLs, ports, pids), `logs/`, Redis's append-only file, Triton's backend links, and the
+`users.txt` / `videos.txt` the load tests draw from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from onerec.errors import UsageError
+from onerec.runs import RunDir
+from onerec.serving.triton import EXIT_TIMEOUT_S, TritonPorts, http_ok
+from service.commands import gateway_args, load_histories_args, local_command, triton_args
+from service.process import GatewayProcess, get_json
+from service.redis_server import RedisServer
+
+log = logging.getLogger(__name__)
+
+SERVICES = ("redis", "triton", "gateway")  # start order; `down` stops in reverse
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """What `onerec up` starts. Ports default to the standard ones; every server listens on `host`."""
+
+    run: Path
+    model_repo: Path | None = None  # default RUN/model_repo
+    state_dir: Path | None = None  # default RUN/stack
+    host: str = "127.0.0.1"
+    gateway_port: int = 8080
+    redis_port: int = 6379
+    triton_ports: TritonPorts = field(default_factory=TritonPorts)
+    workers: int = 1
+    beam_width: int = 128
+    num_sessions: int = 16
+    precision: str = "auto"
+    timeout_s: float = 300.0  # per server, for readiness
+
+    @property
+    def repo(self) -> Path:
+        return (self.model_repo or self.run / "model_repo").resolve()
+
+    @property
+    def state(self) -> Path:
+        return (self.state_dir or self.run / "stack").resolve()
+
+
+@dataclass
+class StackState:
+    """`stack.json`: how to reach and stop a running stack."""
+
+    run: str
+    model_repo: str
+    gateway_url: str
+    redis_url: str
+    triton_http_url: str
+    triton_grpc_url: str
+    triton_metrics_url: str
+    pids: dict[str, int]
+    logs: dict[str, str]
+    users_file: str
+    videos_file: str
+    model_version: str | None = None
+    started_at: float = 0.0
+
+    @staticmethod
+    def path(state_dir: Path) -> Path:
+        return state_dir / "stack.json"
+
+    @classmethod
+    def read(cls, state_dir: Path) -> StackState | None:
+        path = cls.path(state_dir)
+        if not path.is_file():
+            return None
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"{path}: not a stack state file ({e}); remove it") from e
+
+    def write(self, state_dir: Path) -> None:
+        tmp = self.path(state_dir).with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(self.path(state_dir))
+
+    def alive(self) -> dict[str, bool]:
+        return {name: pid_alive(pid) for name, pid in self.pids.items()}
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child of this very process still answers kill(0): reap it if it is ours
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    return True
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def needs_export(run: RunDir, repo: Path) -> str | None:
+    """Why the run must be exported into `repo` first (None: its latest version already is this run's model)."""
+    model_dir = repo / "onerec"
+    versions = sorted((int(p.name) for p in model_dir.glob("*")
+                       if p.name.isdigit() and (p / "manifest.json").is_file()), reverse=True)
+    if not versions or not (model_dir / "config.pbtxt").is_file():
+        return f"{repo} holds no exported version"
+    manifest = json.loads((model_dir / str(versions[0]) / "manifest.json").read_text())
+    catalog_hash = json.loads((run.catalog / "catalog.json").read_text())["content_hash"]
+    if manifest.get("catalog_hash") != catalog_hash:
+        return f"version {versions[0]} was exported from another catalog"
+    if Path(manifest.get("source_checkpoint", "")).resolve() != run.model.resolve():
+        return f"version {versions[0]} was exported from another run"
+    trained = run.read_marker("train")["finished_at"]
+    if (model_dir / str(versions[0]) / "manifest.json").stat().st_mtime < trained:
+        return f"the run was retrained after version {versions[0]} was exported"
+    return None
+
+
+class Stack:
+    """Starts, reports and stops one local stack; `up` returns once the gateway's /readyz says ready."""
+
+    def __init__(self, cfg: StackConfig) -> None:
+        self.cfg = cfg
+        self.logs = cfg.state / "logs"
+
+    # --- up ---------------------------------------------------------------------------------------------
+
+    def up(self) -> StackState:
+        cfg = self.cfg
+        run = RunDir(cfg.run)
+        run.require("train")
+        running = StackState.read(cfg.state)
+        if running is not None:
+            if all(running.alive().values()) and get_json(running.gateway_url + "/readyz")[0] == 200:
+                log.info("the stack of %s is already running: %s", cfg.run, running.gateway_url)
+                return running
+            log.warning("a previous stack in %s is partly down (%s); restarting it", cfg.state, running.alive())
+            self.down()
+        self._check_ports()
+        reason = needs_export(run, cfg.repo)
+        if reason:
+            self._export(reason)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        started: dict[str, int] = {}
+        try:
+            redis_server = self._start_redis()
+            started["redis"] = redis_server.process.pid
+            started["triton"] = self._start_triton()
+            users, videos = self._load_histories(redis_server.url)
+            gateway = self._start_gateway(redis_server.url)
+            started["gateway"] = gateway.process.pid
+        except BaseException:
+            log.error("the stack did not come up; stopping what started (logs in %s)", self.logs)
+            for name in reversed(list(started)):
+                stop_pid(name, started[name])
+            raise
+        state = StackState(
+            run=str(cfg.run.resolve()), model_repo=str(cfg.repo), gateway_url=gateway.url, redis_url=redis_server.url,
+            triton_http_url=f"http://{cfg.host}:{cfg.triton_ports.http}",
+            triton_grpc_url=f"{cfg.host}:{cfg.triton_ports.grpc}",
+            triton_metrics_url=f"http://{cfg.host}:{cfg.triton_ports.metrics}/metrics",
+            pids=started, logs={"redis": str(redis_server.log_path), "triton": str(self.logs / "triton.log"),
+                                "tritonserver": str(cfg.state / "triton" / "tritonserver.log"),
+                                "gateway": str(gateway.log_path),
+                                "load-histories": str(self.logs / "load-histories.log")},
+            users_file=str(users), videos_file=str(videos),
+            model_version=get_json(gateway.url + "/readyz")[1].get("model_version"), started_at=time.time())
+        state.write(cfg.state)
+        return state
+
+    def _check_ports(self) -> None:
+        cfg = self.cfg
+        wanted = {"--gateway-port": cfg.gateway_port, "--redis-port": cfg.redis_port,
+                  "--triton-http-port": cfg.triton_ports.http, "--triton-grpc-port": cfg.triton_ports.grpc,
+                  "--triton-metrics-port": cfg.triton_ports.metrics}
+        if len(set(wanted.values())) < len(wanted):
+            raise UsageError(f"ports must differ: {wanted}")
+        taken = [f"{flag} {port}" for flag, port in wanted.items() if not port_free(cfg.host, port)]
+        if taken:
+            raise UsageError(f"in use on {cfg.host}: {', '.join(taken)} (another stack? `onerec down`, or pick "
+                             "other ports)")
+
+    def _export(self, reason: str) -> None:
+        from export.repository import export_run
+
+        log.info("exporting %s into %s (%s)", self.cfg.run, self.cfg.repo, reason)
+        version = export_run(self.cfg.run, self.cfg.repo, self.cfg.precision)
+        log.info("exported %s", version)
+
+    def _start_redis(self) -> RedisServer:
+        server = RedisServer(self.cfg.state / "redis", self.cfg.redis_port, self.cfg.host)
+        server.log_path = self.logs / "redis.log"
+        return server.start()
+
+    def _start_triton(self) -> int:
+        cfg = self.cfg
+        args = triton_args(str(cfg.repo), cfg.host, str(cfg.state / "triton"), cfg.triton_ports)
+        args += ["--timeout", str(cfg.timeout_s)]
+        process = spawn(local_command(args), self.logs / "triton.log")
+        ready = f"http://{cfg.host}:{cfg.triton_ports.http}/v2/health/ready"
+        deadline = time.monotonic() + cfg.timeout_s + 10
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise UsageError(f"tritonserver exited with {process.returncode}; see {self.logs / 'triton.log'} "
+                                 f"and {cfg.state / 'triton' / 'tritonserver.log'}")
+            if http_ok(ready):
+                log.info("tritonserver ready on %s", ready)
+                return process.pid
+            time.sleep(0.5)
+        stop_pid("triton", process.pid)
+        raise UsageError(f"tritonserver not ready after {cfg.timeout_s:.0f}s; see {cfg.state / 'triton'}")
+
+    def _load_histories(self, redis_url: str) -> tuple[Path, Path]:
+        users, videos = self.cfg.state / "users.txt", self.cfg.state / "videos.txt"
+        args = load_histories_args(str(self.cfg.run), redis_url, str(users), str(videos))
+        with open(self.logs / "load-histories.log", "ab") as out:
+            done = subprocess.run(local_command(args), stdout=out, stderr=subprocess.STDOUT, timeout=600,
+                                  env={**os.environ, "ONEREC_PROGRESS": "0"})
+        if done.returncode != 0:
+            raise UsageError(f"load-histories failed ({done.returncode}); see {self.logs / 'load-histories.log'}")
+        return users, videos
+
+    def _start_gateway(self, redis_url: str) -> GatewayProcess:
+        cfg = self.cfg
+        settings = {"ONEREC_REDIS_URL": redis_url, "ONEREC_TRITON_URL": f"{cfg.host}:{cfg.triton_ports.grpc}",
+                    "ONEREC_MODEL_REPO": str(cfg.repo), "ONEREC_BEAM_WIDTH": str(cfg.beam_width),
+                    "ONEREC_NUM_SESSIONS": str(cfg.num_sessions)}
+        gateway = GatewayProcess(cfg.gateway_port, settings, self.logs / "gateway.log", cfg.host, cfg.workers)
+        return gateway.start(ready_timeout=cfg.timeout_s)
+
+    # --- down -------------------------------------------------------------------------------------------
+
+    def down(self) -> dict[str, str]:
+        """Stop gateway, Triton and Redis (in that order); what happened to each."""
+        state = StackState.read(self.cfg.state)
+        if state is None:
+            return {}
+        result = {name: stop_pid(name, state.pids[name]) for name in reversed(SERVICES) if name in state.pids}
+        server_pid = self.cfg.state / "triton" / "tritonserver.pid"  # `onerec triton` stops it on SIGTERM; if
+        if server_pid.is_file():  # that process was killed instead, the server it started is stopped here
+            leftover = stop_pid("tritonserver", int(server_pid.read_text()))
+            if leftover != "not running":
+                result["tritonserver"] = leftover
+            server_pid.unlink()
+        StackState.path(self.cfg.state).unlink(missing_ok=True)
+        return result
+
+    def running(self) -> StackState:
+        state = StackState.read(self.cfg.state)
+        if state is None or not any(state.alive().values()):
+            raise UsageError(f"--run {self.cfg.run}: no stack running (start it with `onerec up --run {self.cfg.run}`)")
+        return state
+
+    def titles(self) -> dict[int, str]:
+        """Video titles when the run was prepared from MovieLens (u.item, movies.dat or movies.csv), else {}."""
+        from onerec.data.movielens import load_titles
+
+        marker = RunDir(self.cfg.run).read_marker("prepare")
+        if marker.get("source") != "movielens" or not marker.get("path"):
+            return {}
+        source = Path(marker["path"])
+        return load_titles(source if source.is_dir() else source.parent)
+
+    def status(self) -> dict:
+        state = StackState.read(self.cfg.state)
+        if state is None:
+            return {"running": False, "state_dir": str(self.cfg.state)}
+        code, ready = get_json(state.gateway_url + "/readyz")
+        return {"running": any(state.alive().values()), "alive": state.alive(), "ready": code == 200,
+                "readyz": ready, **asdict(state)}
+
+
+def ask_gateway(state: StackState, users: list[str], count: int, recent: int = 3) -> list[dict]:
+    """POST /recommend for `users` (default: the first `count` loaded users), each with its `recent` latest videos."""
+    import redis
+
+    from service.settings import Settings
+
+    prefix = Settings().history_prefix  # the gateway reads the same environment
+    if not users:
+        users = Path(state.users_file).read_text().split()[:count]
+    client = redis.Redis.from_url(state.redis_url, socket_timeout=2, decode_responses=True)
+    answers = []
+    try:
+        for user in users:
+            start = time.perf_counter()
+            status, body = post_json(state.gateway_url + "/recommend", {"user_id": user})
+            latest = [int(v) for v in client.lrange(f"{prefix}{user}", 0, recent - 1)]
+            answers.append({"user_id": user, "status": status, "ms": round((time.perf_counter() - start) * 1e3, 1),
+                            "recent": latest, "answer": body})
+    finally:
+        client.close()
+    return answers
+
+
+def describe(answer: dict, titles: dict[int, str]) -> str:
+    """One answer, readably: what the user watched last, then the five recommended videos with titles."""
+    def name(video: int) -> str:
+        return f"{titles.get(video, 'video')} [{video}]" if titles else f"video {video}"
+
+    body = answer["answer"]
+    lines = [f"user {answer['user_id']}: HTTP {answer['status']} in {answer['ms']:.0f} ms"]
+    if answer["status"] != 200:
+        lines.append(f"  error: {body}")
+        return "\n".join(lines)
+    if answer["recent"]:
+        lines.append("  recently watched: " + "; ".join(name(v) for v in answer["recent"]))
+    source = body["source"] + (f" ({body['fallback_reason']})" if body.get("fallback_reason") else "")
+    lines.append(f"  recommended (source: {source}, model version {body['model_version']}):")
+    lines += [f"    {item['rank']}. {name(item['video_id'])}" for item in body["items"]]
+    return "\n".join(lines)
+
+
+def post_json(url: str, payload: dict, timeout: float = 30.0) -> tuple[int, dict]:
+    """(status, JSON body) of a POST; (0, {"error": ...}) when nothing answers."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, json.dumps(payload).encode(), {"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (the stack's own URL)
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+    except (urllib.error.URLError, OSError) as e:
+        return 0, {"error": str(e)}
+
+
+def spawn(command: list[str], log_path: Path) -> subprocess.Popen:
+    """A detached child in its own session (it outlives `onerec up`), output appended to `log_path`."""
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def stop_pid(name: str, pid: int, timeout: float = EXIT_TIMEOUT_S + 15) -> str:
+    """SIGTERM the process group `pid` leads, SIGKILL after `timeout`: 'stopped', 'killed' or 'not running'."""
+    if not pid_alive(pid):
+        return "not running"
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGCONT)
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            log.info("%s (pid %d) stopped", name, pid)
+            return "stopped"
+        time.sleep(0.1)
+    log.warning("%s (pid %d) did not stop in %.0fs; killing it", name, pid, timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    return "killed"
+
+
+__all__ = ["Stack", "StackConfig", "StackState", "gateway_args", "load_histories_args", "triton_args"]

@@ -1,0 +1,1 @@
+"""Tests of observability/: Prometheus config, Grafana provisioning and dashboards, the local Prometheus."""

@@ -107,10 +107,11 @@ def _selection_line(summary: dict[str, Any]) -> str:
         return f"No request of {whose} was measured: no low-load p50."
     if best is None:
         return (f"Low-load p50 of {whose} {low:.1f} ms; **no step** kept its p99 under 2x that ({2 * low:.1f} ms) "
-                "without a failure.")
+                "without a failure or a shed-load (non-cold-start) popular answer.")
     users = f"{best['users']} user" + ("" if best["users"] == 1 else "s")
     return (f"Low-load p50 of {whose} {low:.1f} ms. **Highest QPS whose {whose} p99 < 2x that "
-            f"({best['p99_limit_ms']:.1f} ms), with no failure: {best['qps']:.2f} QPS** (all requests; "
+            f"({best['p99_limit_ms']:.1f} ms), with no failure and no shed load: {best['qps']:.2f} QPS** "
+            "(all requests; "
             f"{best['endpoint_qps']:.2f} of them {whose}) at {users} (p50 {best['p50_ms']:.1f} ms, "
             f"p99 {best['p99_ms']:.1f} ms).")
 

@@ -15,6 +15,7 @@ from loadtest.steps import Step, boundaries
 
 PERCENTILES = (50, 95, 99)
 SLO_ENDPOINT = "/recommend"  # whose latencies the max-QPS criterion reads: /events is a cheap write beside it
+SERVED_FALLBACKS = ("cold_start",)  # popular answers that are the right answer, not shed load
 RECORD_FIELDS = ("start_s", "step", "name", "latency_ms", "ok", "fallback")
 
 
@@ -118,7 +119,9 @@ def low_load_p50(steps: Sequence[dict[str, Any]], endpoint: str | None = None) -
 def max_qps_under(steps: Sequence[dict[str, Any]], low_p50_ms: float | None, factor: float = 2.0,
                   endpoint: str | None = None) -> dict[str, Any] | None:
     """The step with the highest QPS (all requests) among those whose p99 (of `endpoint`, or of all requests) is
-    under `factor` x the low-load p50 and that failed no request, warm-up included; None when no step qualifies."""
+    under `factor` x the low-load p50, that failed no request and that the model served: a popular answer for any
+    reason but cold start (Triton timeout, circuit open, ...) means the gateway shed load, so its fast answers
+    do not count as capacity. Warm-up included; None when no step qualifies."""
     if low_p50_ms is None:
         return None
     limit = factor * low_p50_ms
@@ -126,7 +129,9 @@ def max_qps_under(steps: Sequence[dict[str, Any]], low_p50_ms: float | None, fac
     def qualifies(step: dict[str, Any]) -> bool:
         stats = slo_stats(step, endpoint)
         clean = step["failures"] + step.get("warmup_failures", 0) == 0
-        return stats["requests"] > 0 and clean and stats["p99_ms"] is not None and stats["p99_ms"] < limit
+        degraded = sum(n for reason, n in step.get("fallbacks", {}).items() if reason not in SERVED_FALLBACKS)
+        return (stats["requests"] > 0 and clean and not degraded and stats["p99_ms"] is not None
+                and stats["p99_ms"] < limit)
 
     qualifying = [s for s in steps if qualifies(s)]
     if not qualifying:

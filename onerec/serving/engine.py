@@ -33,13 +33,20 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
 
 
-def session_options(threads: int) -> ort.SessionOptions:
-    """Quiet sessions (fp16 graphs on the CPU log constant-folding warnings) with a thread budget."""
+def session_options(threads: int, spinning: bool = True) -> ort.SessionOptions:
+    """Quiet sessions (fp16 graphs on the CPU log constant-folding warnings) with a thread budget.
+
+    `spinning=False` makes idle intra-op threads sleep instead of busy-waiting between the many small kernels of
+    a decode step. On the 2-core CPU machines a spinning worker steals the core the request's own thread needs:
+    beam-128 requests took p50 259-313 ms with spinning and 158-196 ms without (docs/PERFORMANCE.md)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads > 0:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return options
 
 
@@ -54,7 +61,7 @@ class OnnxModel:
         self.device_type = "cuda" if use_cuda else "cpu"
         self.float_dtype = np.float16 if precision == "fp16" else np.float32
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
-        options = session_options(threads)
+        options = session_options(threads, spinning=use_cuda)  # CPU: sleep, don't spin (see session_options)
         self.encoder = ort.InferenceSession(str(directory / layout.ENCODER_FILE), options, providers=providers)
         self.decoder = ort.InferenceSession(str(directory / layout.DECODER_FILE), options, providers=providers)
         layers = range(cfg.decoder_layers)

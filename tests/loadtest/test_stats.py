@@ -99,9 +99,11 @@ def test_warm_up_never_takes_more_than_half_a_step():
 
 
 def step(index: int, users: int, qps: float, p50: float | None, p99: float | None, failures: int = 0,
-         requests: int = 100, warmup_failures: int = 0, endpoints: dict | None = None) -> dict:
+         requests: int = 100, warmup_failures: int = 0, endpoints: dict | None = None,
+         fallbacks: dict | None = None) -> dict:
     return {"step": index, "users": users, "qps": qps, "p50_ms": p50, "p99_ms": p99, "failures": failures,
-            "requests": requests, "warmup_failures": warmup_failures, "endpoints": endpoints or {}}
+            "requests": requests, "warmup_failures": warmup_failures, "endpoints": endpoints or {},
+            "fallbacks": fallbacks or {}}
 
 
 def test_max_qps_picks_the_fastest_step_under_the_limit():
@@ -116,6 +118,13 @@ def test_max_qps_limit_is_strict_and_failures_disqualify():
     steps = [step(0, 1, 10.0, 50.0, 70.0), step(1, 2, 19.0, 52.0, 100.0), step(2, 4, 30.0, 60.0, 80.0, failures=1),
              step(3, 8, 40.0, 60.0, 80.0, warmup_failures=1)]
     assert max_qps_under(steps, 50.0)["users"] == 1  # p99 == limit is not under it; a failed step never counts
+
+
+def test_max_qps_ignores_steps_where_the_gateway_shed_load():
+    """Fast popular answers after Triton timeouts are not capacity; cold-start answers are the right answer."""
+    steps = [step(0, 1, 10.0, 50.0, 70.0, fallbacks={"cold_start": 3}),
+             step(1, 16, 80.0, 5.0, 60.0, fallbacks={"circuit_open": 50, "triton_timeout": 2})]
+    assert max_qps_under(steps, 50.0)["users"] == 1
 
 
 def test_max_qps_none_when_nothing_qualifies():

@@ -468,12 +468,19 @@ def serve(
         settings = Settings()
     except ValueError as e:
         raise UsageError(f"ONEREC_* settings: {e}") from e
-    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    made_metrics_dir = workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if made_metrics_dir:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="onerec-metrics-")
     log.info("gateway on http://%s:%d (%d worker(s)); triton %s, redis %s", host, port, workers,
              settings.triton_url, settings.redis_url)
-    uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers, log_level=log_level,
-                timeout_graceful_shutdown=10)
+    try:
+        uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers,
+                    log_level=log_level, timeout_graceful_shutdown=10)
+    finally:
+        if made_metrics_dir:  # the workers' metric files die with them
+            import shutil
+
+            shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 # --- the local stack -----------------------------------------------------------------------------------------

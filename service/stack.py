@@ -1,9 +1,9 @@
 """The local stack behind `onerec up` / `onerec down`: redis-server, tritonserver and the gateway as detached processes.
 
-The container commands in docker-compose.yml are the argument lists built here (`*_args`), so the local stack
+The container commands in docker-compose.yml are the argument lists of `service/commands.py`, so the local stack
 and the tests cover what the containers run. Everything a stack writes lives in one state directory (default
-`RUN/stack/`): `stack.json` (URLs, ports, pids), `logs/`, Redis's append-only file, Triton's backend links, and the
-`users.txt` / `videos.txt` the load tests draw from.
+`RUN/stack/`): `stack.json` (URLs, ports, pids), `{redis,triton,gateway}.pid`, `logs/`, Redis's append-only
+file, Triton's backend links, and the `users.txt` / `videos.txt` the load tests draw from.
 """
 
 from __future__ import annotations
@@ -191,6 +191,8 @@ class Stack:
             users_file=str(users), videos_file=str(videos),
             model_version=get_json(gateway.url + "/readyz")[1].get("model_version"), started_at=time.time())
         state.write(cfg.state)
+        for name, pid in started.items():  # classic pid files too, for `kill $(cat RUN/stack/gateway.pid)`
+            (cfg.state / f"{name}.pid").write_text(f"{pid}\n")
         return state
 
     def _check_ports(self) -> None:
@@ -268,6 +270,8 @@ class Stack:
                 result["tritonserver"] = leftover
             server_pid.unlink()
         StackState.path(self.cfg.state).unlink(missing_ok=True)
+        for name in SERVICES:
+            (self.cfg.state / f"{name}.pid").unlink(missing_ok=True)
         return result
 
     def running(self) -> StackState:

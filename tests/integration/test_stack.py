@@ -80,6 +80,8 @@ def test_up_exports_serves_and_is_idempotent(stack: LocalStack):
     state = stack.state
     assert (Path(state["model_repo"]) / "onerec" / "1" / "manifest.json").is_file()  # exported by `up`
     assert all(pid_alive(pid) for pid in state["pids"].values())
+    state_dir = stack.work / "state"
+    assert {name: int((state_dir / f"{name}.pid").read_text()) for name in state["pids"]} == state["pids"]
     users = Path(state["users_file"]).read_text().split()
     videos = Path(state["videos_file"]).read_text().split()
     assert len(users) > 100 and len(videos) > 100
@@ -131,3 +133,4 @@ def test_down_stops_every_process(stack: LocalStack):
     assert not any(pid_alive(pid) for pid in pids.values())
     assert all(port_free("127.0.0.1", port) for port in stack.ports)
     assert stack.down().stdout.strip() == "nothing running"
+    assert not list((stack.work / "state").glob("*.pid")) and not (stack.work / "state" / "stack.json").exists()

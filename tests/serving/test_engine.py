@@ -99,3 +99,13 @@ def test_catalog_not_matching_the_manifest_is_refused(exported_repo: Path, tmp_p
     Manifest(**{**manifest.__dict__, "catalog_hash": "0" * 64}).save(version)
     with pytest.raises(UsageError, match="does not match the manifest"):
         Engine(version, device="cpu")
+
+
+def test_cpu_sessions_sleep_instead_of_spinning():
+    from onerec.serving.engine import session_options
+
+    quiet = session_options(2, spinning=False)
+    assert quiet.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert quiet.intra_op_num_threads == 2 and quiet.inter_op_num_threads == 1
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # GPU sessions keep onnxruntime's default
+        session_options(0).get_session_config_entry("session.intra_op.allow_spinning")

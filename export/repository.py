@@ -129,11 +129,14 @@ def write_version(
     return final
 
 
-def export_run(run_dir: Path, repo: Path, precision: str = "auto", serving: ServingConfig | None = None) -> Path:
-    """The trained model and catalog of a run directory -> the next version of `repo`."""
+def export_run(run_dir: Path, repo: Path, precision: str = "auto", serving: ServingConfig | None = None,
+               checkpoint: Path | None = None) -> Path:
+    """The trained model (or another model directory of the run, e.g. an IPA iteration) and the catalog of a run
+    directory -> the next version of `repo`."""
     run = RunDir(run_dir)
     run.require("train")
-    model = load_model(run.model)
+    source = Path(checkpoint) if checkpoint is not None else run.model
+    model = load_model(source)
     catalog = Catalog.load(run.catalog)
     if catalog.num_codes != model.cfg.codes or catalog.levels != model.cfg.levels:
         raise UsageError(
@@ -141,5 +144,4 @@ def export_run(run_dir: Path, repo: Path, precision: str = "auto", serving: Serv
             f"K={model.cfg.codes}, L={model.cfg.levels}"
         )
     preset = run.read_marker("train").get("preset", "unknown")
-    return write_version(model, catalog, repo, resolve_precision(precision), preset, str(run.model.resolve()),
-                         serving)
+    return write_version(model, catalog, repo, resolve_precision(precision), preset, str(source.resolve()), serving)

@@ -263,8 +263,10 @@ def evaluate(
     beam_width: Annotated[int | None, typer.Option(help="Beam width (default: the trained preset's).")] = None,
     limit: Annotated[int | None, typer.Option(help="Score only the first N users.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    no_reward: Annotated[bool, typer.Option("--no-reward", help="Skip the reward model's scores.")] = False,
 ) -> None:
-    """Recall@5 / NDCG@5 of generated sessions vs the held-out targets, beside a most-popular baseline."""
+    """Recall@5 / NDCG@5 of generated sessions vs the held-out targets, beside a most-popular baseline; with a
+    reward model (`onerec train-reward`), also its mean and max swt/vtr/wtr/ltr over the generated sessions."""
     from onerec.data.sessions import Sessions
     from onerec.eval import evaluate as run_eval
     from onerec.model.onerec import load_model
@@ -283,11 +285,16 @@ def evaluate(
         raise UsageError(f"{run.catalog}: catalog hash differs from the one the model was trained on")
     dev = resolve_device(device)
     model = load_model(checkpoint or run.model, device=str(dev))
+    scorer = None
+    if not no_reward and run.is_complete("reward"):  # `onerec train-reward` ran: score every generated session
+        from onerec.reward.train import load_reward, session_scorer
+
+        scorer = session_scorer(load_reward(run.root, device=dev))
     result = run_eval(model, catalog, Sessions.load(run.sessions(split.value)), beam, limit=limit, device=dev,
-                      progress=_progress())
+                      progress=_progress(), scorer=scorer)
     payload = result.as_json()
     save_json(run.eval, {**payload, "split": split.value, "beam_width": beam.beam_width,
-                         "seconds": round(result.seconds, 1)})
+                         "checkpoint": str(checkpoint or run.model), "seconds": round(result.seconds, 1)})
     if as_json:
         typer.echo(json.dumps(payload))
         return
@@ -296,6 +303,90 @@ def evaluate(
     typer.echo(f"{'model':10}{result.model_recall:>10.4f}{result.model_ndcg:>10.4f}")
     typer.echo(f"{'popular':10}{result.popular_recall:>10.4f}{result.popular_ndcg:>10.4f}")
     typer.echo(f"valid SID rate: {result.valid_sid_rate:.4f}")
+    if result.reward is not None:
+        typer.echo("reward over generated sessions (mean / max per user, averaged): " + "  ".join(
+            f"{t} {v['mean']:.4f}/{v['max']:.4f}" for t, v in result.reward.items()))
+
+
+# --- train-reward -----------------------------------------------------------------------------------------
+
+
+@app.command("train-reward")
+@user_errors
+def train_reward(
+    run_dir: RunOption,
+    preset: Annotated[str, typer.Option(help="Reward model preset: tiny or small.")] = "small",
+    epochs: Annotated[int | None, typer.Option(help="Override the preset's epochs.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the preset's seed.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    reuse: ReuseOption = False,
+) -> None:
+    """Train the reward model (swt, vtr, wtr, ltr towers) on logged sessions; prints a JSON summary."""
+    from onerec.reward.model import get_reward_config
+    from onerec.reward.train import STAGE, train_reward_stage
+
+    run = RunDir(run_dir)
+    run.require("tokenize")
+    if run.is_complete(STAGE) and reuse:
+        log.info("train-reward: reusing %s", run.marker(STAGE))
+        return
+    overrides = {"epochs": epochs, "seed": seed, "device": device}
+    cfg = dataclasses.replace(get_reward_config(preset), **{k: v for k, v in overrides.items() if v is not None})
+    if device is not None:
+        resolve_device(device)  # a bad --device fails before any work
+    summary = train_reward_stage(run, cfg, preset, progress=_progress())
+    typer.echo(json.dumps(summary))
+
+
+@app.command()
+@user_errors
+def align(
+    run_dir: RunOption,
+    iterations: Annotated[int, typer.Option(help="IPA iterations T; model t starts from model t-1.")] = 1,
+    dpo_ratio: Annotated[float, typer.Option(help="r_DPO: share of training sessions given self-generated pairs.")
+                         ] = 0.01,
+    responses: Annotated[int, typer.Option(help="N sessions beam-searched per sampled user.")] = 128,
+    loss: Annotated[str, typer.Option(help="Preference loss: dpo, ipo, cdpo or simpo.")] = "dpo",
+    beta: Annotated[float, typer.Option(help="β of the preference loss.")] = 0.1,
+    lam: Annotated[float, typer.Option("--lambda", help="λ: weight of the preference loss beside NTP.")] = 1.0,
+    label_smoothing: Annotated[float, typer.Option(help="cDPO's ε.")] = 0.0,
+    target: Annotated[str, typer.Option(help="Reward tower that picks chosen/rejected: swt, vtr, wtr or ltr.")
+                      ] = "swt",
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(help="NTP sessions per step.")] = 64,
+    seed: Annotated[int, typer.Option(help="Random seed (user sampling, batches, dropout).")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Iterative Preference Alignment (paper Algorithm 2) from RUN/model with the run's reward model; iteration t
+    is saved to RUN/align/iter_t/ (evaluate or export it with --checkpoint). Prints one JSON line per iteration."""
+    from onerec.align.ipa import AlignConfig
+    from onerec.align.ipa import align as run_align
+    from onerec.data.sessions import Sessions
+    from onerec.model.onerec import load_model
+    from onerec.reward.train import load_reward, session_scorer
+    from onerec.tokenizer.catalog import Catalog
+    from onerec.train.ntp import SidSessions
+
+    run = RunDir(run_dir)
+    run.require("train")
+    cfg = AlignConfig(iterations=iterations, dpo_ratio=dpo_ratio, responses=responses, loss=loss, beta=beta,
+                      lam=lam, label_smoothing=label_smoothing, target=target, lr=lr, batch_size=batch_size,
+                      seed=seed)
+    cfg.check()
+    dev = resolve_device(device)
+    catalog = Catalog.load(run.catalog)
+    model = load_model(run.model, device=str(dev))
+    scorer = session_scorer(load_reward(run.root, device=dev))
+    train_data = SidSessions.from_sessions(Sessions.load(run.sessions("train")), catalog, model.cfg.history_len)
+    out = run.root / "align"
+    history: list[dict] = []
+
+    def record(result, directory: Path) -> None:
+        history.append({**result.as_json(), "checkpoint": str(directory)})
+        save_json(out / "align.json", {"config": dataclasses.asdict(cfg), "iterations": history})
+        typer.echo(json.dumps(history[-1]))
+
+    run_align(model, catalog, train_data, scorer, cfg, out, dev, progress=_progress(), on_iteration=record)
 
 
 class Precision(str, Enum):
@@ -319,6 +410,8 @@ def export_cmd(
     users: Annotated[int, typer.Option(help="Test users --verify compares on.")] = 32,
     device: Annotated[str, typer.Option(help="Where Triton runs the backend: auto, cpu or cuda.")] = "auto",
     max_batch_size: Annotated[int, typer.Option(help="Requests Triton's dynamic batcher hands over at once.")] = 16,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Model directory to export (default RUN/model; e.g. RUN/align/iter_2 for an IPA iteration).")] = None,
 ) -> None:
     """Write the run's model and catalog as a new version of the Triton model `onerec`."""
     from export.repository import ServingConfig, export_run
@@ -328,7 +421,9 @@ def export_cmd(
     if max_batch_size < 1:
         raise UsageError(f"--max-batch-size: must be >= 1, got {max_batch_size}")
     serving = ServingConfig(device=device, max_batch_size=max_batch_size)
-    version = export_run(run_dir, out, precision.value, serving)
+    if checkpoint is not None and not (checkpoint / "model.safetensors").is_file():
+        raise UsageError(f"--checkpoint: {checkpoint} is not a model directory (no model.safetensors)")
+    version = export_run(run_dir, out, precision.value, serving, checkpoint)
     typer.echo(f"exported {version}", err=True)
     if verify:
         from export.verify import verify as run_verify
@@ -337,7 +432,8 @@ def export_cmd(
 
         run = RunDir(run_dir)
         beam = get_preset(run.read_marker("train")["preset"]).beam
-        report = run_verify(load_model(run.model), version, Sessions.load(run.sessions("test")), users, beam)
+        report = run_verify(load_model(checkpoint or run.model), version, Sessions.load(run.sessions("test")), users,
+                            beam)
         typer.echo(json.dumps({"version": str(version), **report.as_json()}))
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,6 +37,11 @@ def ndcg_at_k(recommended: Sequence[int], target: Sequence[int], k: int = 5) -> 
     return dcg / ideal if ideal else 0.0
 
 
+# (histories: b arrays (n_i, L) of SIDs, sessions (b, R, m, L) SIDs with -1 rows for missing) -> (b, R, T) scores
+SessionScorer = Callable[[list[np.ndarray], np.ndarray], np.ndarray]
+REWARD_TARGETS = ("swt", "vtr", "wtr", "ltr")
+
+
 @dataclass(frozen=True)
 class EvalResult:
     model_recall: float
@@ -46,15 +51,40 @@ class EvalResult:
     valid_sid_rate: float
     users: int
     seconds: float
+    reward: dict[str, dict[str, float]] | None = field(default=None)  # target -> {"mean", "max"}
 
     def as_json(self) -> dict:
         """The CLI's `--json` object."""
-        return {
+        payload = {
             "model": {"recall@5": self.model_recall, "ndcg@5": self.model_ndcg},
             "popular": {"recall@5": self.popular_recall, "ndcg@5": self.popular_ndcg},
             "valid_sid_rate": self.valid_sid_rate,
             "users": self.users,
         }
+        if self.reward is not None:
+            payload["reward"] = self.reward
+        return payload
+
+
+def reward_summary(per_user_mean: list[np.ndarray], per_user_max: list[np.ndarray],
+                   targets: Sequence[str] = REWARD_TARGETS) -> dict[str, dict[str, float]]:
+    """Users' mean and max reward over their generated sessions, averaged over users, per target."""
+    means, maxes = np.stack(per_user_mean), np.stack(per_user_max)  # (U, T)
+    return {t: {"mean": float(means[:, i].mean()), "max": float(maxes[:, i].mean())} for i, t in enumerate(targets)}
+
+
+def session_rewards(scorer: SessionScorer, histories: list[np.ndarray], sessions: np.ndarray
+                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per user, the mean and the max of each reward target over the sessions beam search found."""
+    scores = scorer(histories, sessions)  # (b, R, T)
+    found = sessions[:, :, 0, 0] >= 0  # (b, R)
+    means, maxes = [], []
+    for b in range(scores.shape[0]):
+        mine = scores[b][found[b]]  # (R', T)
+        if len(mine):
+            means.append(mine.mean(axis=0))
+            maxes.append(mine.max(axis=0))
+    return means, maxes
 
 
 @torch.inference_mode()
@@ -68,12 +98,15 @@ def evaluate(
     limit: int | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    scorer: SessionScorer | None = None,
 ) -> EvalResult:
     """Generate a session per held-out user and score it and the most-popular baseline on the same users.
 
     Both exclude the user's history when `beam.exclude_history` (MovieLens users rate a movie once, so the
     history can never be a hit). The model's answer is exactly what the gateway serves: the best session
-    mapped through the inverted index, backfilled from later sessions and then from popularity.
+    mapped through the inverted index, backfilled from later sessions and then from popularity. With a
+    `scorer` (the reward model), every generated session is scored too: `reward` holds, per target, the users'
+    mean and max over their sessions, averaged over users (the paper's IPA table).
     """
     model.eval()
     started = time.time()
@@ -83,6 +116,8 @@ def evaluate(
         raise ValueError("no evaluable users: no held-out session has a history item known to the catalog")
     recalls, ndcgs, pop_recalls, pop_ndcgs = [], [], [], []
     generated, valid = 0, 0
+    reward_means: list[np.ndarray] = []
+    reward_maxes: list[np.ndarray] = []
     bar = tqdm(total=len(rows), desc="evaluate", unit="user", disable=not progress)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -96,6 +131,10 @@ def evaluate(
         generated += int(found.sum())
         valid += int((catalog.trie.leaf_of(best[found]) >= 0).sum())
         leaves = result.leaves.cpu().numpy()  # (b, R, m)
+        if scorer is not None:
+            means, maxes = session_rewards(scorer, histories, result.sessions.cpu().numpy())
+            reward_means += means
+            reward_maxes += maxes
         for row, hist, session_leaves in zip(chunk, histories_video, leaves, strict=True):
             target = sessions.targets[row].tolist()
             banned = hist.tolist() if beam.exclude_history else []
@@ -115,6 +154,7 @@ def evaluate(
         valid_sid_rate=valid / generated if generated else 0.0,
         users=len(rows),
         seconds=time.time() - started,
+        reward=reward_summary(reward_means, reward_maxes) if scorer is not None and reward_means else None,
     )
 
 

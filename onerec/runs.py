@@ -14,6 +14,8 @@ from onerec.config import save_json
 from onerec.errors import UsageError
 
 STAGES = ("prepare", "tokenize", "train")
+# Stages that hang off the main line: `reward` (onerec train-reward) needs the catalog, not the trained model.
+DEPENDENTS = {"tokenize": ("reward",)}
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class RunDir:
       checkpoints/last/                  resumable training state (model, optimizer, progress)
       model/                             the selected model (best validation loss): model.safetensors + model.json
       train.json                         marker + training history
+      reward/, reward.json               the session reward model (`onerec train-reward`) and its marker
+      align/iter_t/, align/align.json    IPA iterations (`onerec align`): model directories like model/
       eval.json                          last `onerec evaluate` result
     """
 
@@ -99,6 +103,8 @@ class RunDir:
         """Drop the markers of `stage` and every later stage (their outputs are being replaced)."""
         for later in STAGES[STAGES.index(stage):]:
             self.marker(later).unlink(missing_ok=True)
+            for dependent in DEPENDENTS.get(later, ()):
+                self.marker(dependent).unlink(missing_ok=True)
 
 
 @contextmanager

@@ -9,7 +9,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -20,6 +20,8 @@ from onerec.config import ModelConfig, from_dict, save_json, to_dict
 from onerec.errors import UsageError
 from onerec.model.layers import DecoderLayer, EncoderLayer, LevelHeads, padding_bias
 from onerec.model.moe import MoEFeedForward
+
+M = TypeVar("M", bound=nn.Module)
 
 logger = logging.getLogger(__name__)
 
@@ -260,14 +262,20 @@ def count_parameters(model: OneRecModel) -> dict[str, int]:
 
 def save_model(model: OneRecModel, directory: str | Path) -> Path:
     """Write `model.safetensors` (weights) and `model.json` (the ModelConfig) into `directory`."""
+    directory = save_weights(model, model.cfg, directory)
+    logger.info("saved model (%d parameters) to %s", count_parameters(model)["total"], directory)
+    return directory
+
+
+def save_weights(model: nn.Module, cfg: object, directory: str | Path) -> Path:
+    """`directory/model.safetensors` (written to a temp name, then renamed) and `directory/model.json` (`cfg`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     tmp = directory / (WEIGHTS_FILE + ".tmp")
     save_file(weights, str(tmp), metadata={"format": "pt"})
     tmp.replace(directory / WEIGHTS_FILE)
-    save_json(directory / CONFIG_FILE, to_dict(model.cfg))
-    logger.info("saved model (%d parameters) to %s", count_parameters(model)["total"], directory)
+    save_json(directory / CONFIG_FILE, to_dict(cfg))
     return directory
 
 
@@ -277,20 +285,23 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> One
     Raises UsageError naming the file when it is missing, unreadable, or does not match the config.
     """
     directory = Path(directory)
-    cfg = _read_config(directory / CONFIG_FILE)
-    weights_path = directory / WEIGHTS_FILE
+    model = OneRecModel(_read_config(directory / CONFIG_FILE))
+    return load_weights(model, directory / WEIGHTS_FILE, "model").to(device).eval()
+
+
+def load_weights(model: M, weights_path: Path, what: str) -> M:
+    """`model` with the safetensors weights at `weights_path` (strict); UsageError naming the file otherwise."""
     if not weights_path.is_file():
-        raise UsageError(f"{weights_path}: model weights not found")
+        raise UsageError(f"{weights_path}: {what} weights not found")
     try:
         state = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise UsageError(f"{weights_path}: not a readable safetensors file ({e})") from e
-    model = OneRecModel(cfg)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise UsageError(f"{weights_path}: weights do not match {CONFIG_FILE} ({e})") from e
-    return model.to(device).eval()
+        raise UsageError(f"{weights_path}: weights do not match {weights_path.parent / CONFIG_FILE} ({e})") from e
+    return model
 
 
 def _read_config(path: Path) -> ModelConfig:

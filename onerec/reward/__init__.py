@@ -1,0 +1,1 @@
+"""Preference alignment's reward model: logged-session labels, the model, its training and session scoring."""

@@ -352,10 +352,11 @@ def align(
     label_smoothing: Annotated[float, typer.Option(help="cDPO's ε.")] = 0.0,
     target: Annotated[str, typer.Option(help="Reward tower that picks chosen/rejected: swt, vtr, wtr or ltr.")
                       ] = "swt",
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-5,
     batch_size: Annotated[int, typer.Option(help="NTP sessions per step.")] = 64,
     seed: Annotated[int, typer.Option(help="Random seed (user sampling, batches, dropout).")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="Where iterations go (default RUN/align).")] = None,
 ) -> None:
     """Iterative Preference Alignment (paper Algorithm 2) from RUN/model with the run's reward model; iteration t
     is saved to RUN/align/iter_t/ (evaluate or export it with --checkpoint). Prints one JSON line per iteration."""
@@ -378,7 +379,7 @@ def align(
     model = load_model(run.model, device=str(dev))
     scorer = session_scorer(load_reward(run.root, device=dev))
     train_data = SidSessions.from_sessions(Sessions.load(run.sessions("train")), catalog, model.cfg.history_len)
-    out = run.root / "align"
+    out = out or run.root / "align"
     history: list[dict] = []
 
     def record(result, directory: Path) -> None:

@@ -49,7 +49,7 @@ class AlignConfig:
     lam: float = 1.0  # λ: weight of the preference loss beside NTP
     label_smoothing: float = 0.0  # cDPO's ε
     target: str = "swt"  # the reward tower that picks chosen / rejected
-    lr: float = 1e-4
+    lr: float = 2e-5  # the NTP schedule's final rate: higher trades recall for reward (docs/ALIGNMENT.md)
     batch_size: int = 64
     grad_clip: float = 1.0
     seed: int = 0

@@ -592,6 +592,8 @@ def up(
     model_repo: Annotated[Path | None, typer.Option(
         help="Triton model repository (default RUN/model_repo); the run is exported into it when needed.")] = None,
     state_dir: StateOption = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Model directory to serve (default RUN/model; e.g. RUN/align/iter_1, an IPA iteration).")] = None,
     host: Annotated[str, typer.Option(help="Address every server listens on.")] = "127.0.0.1",
     gateway_port: Annotated[int, typer.Option(help="Gateway HTTP port.")] = 8080,
     redis_port: Annotated[int, typer.Option(help="Redis port.")] = 6379,
@@ -612,7 +614,10 @@ def up(
 
     if workers < 1 or beam_width < 1:
         raise UsageError(f"--workers and --beam-width must be >= 1, got {workers} and {beam_width}")
-    cfg = StackConfig(run=run_dir, model_repo=model_repo, state_dir=state_dir, host=host, gateway_port=gateway_port,
+    if checkpoint is not None and not (checkpoint / "model.safetensors").is_file():
+        raise UsageError(f"--checkpoint: {checkpoint} is not a model directory (no model.safetensors)")
+    cfg = StackConfig(run=run_dir, model_repo=model_repo, state_dir=state_dir, checkpoint=checkpoint, host=host,
+                      gateway_port=gateway_port,
                       redis_port=redis_port, triton_ports=TritonPorts(triton_http_port, triton_grpc_port,
                                                                       triton_metrics_port),
                       workers=workers, beam_width=beam_width, precision=precision.value, timeout_s=timeout)

@@ -37,6 +37,7 @@ class StackConfig:
 
     run: Path
     model_repo: Path | None = None  # default RUN/model_repo
+    checkpoint: Path | None = None  # the model directory to serve (default RUN/model; e.g. RUN/align/iter_1)
     state_dir: Path | None = None  # default RUN/stack
     host: str = "127.0.0.1"
     gateway_port: int = 8080
@@ -122,8 +123,10 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def needs_export(run: RunDir, repo: Path) -> str | None:
-    """Why the run must be exported into `repo` first (None: its latest version already is this run's model)."""
+def needs_export(run: RunDir, repo: Path, checkpoint: Path | None = None) -> str | None:
+    """Why the run must be exported into `repo` first (None: its latest version already is this run's model, or
+    `checkpoint`, another model directory of the run such as an IPA iteration)."""
+    model = Path(checkpoint) if checkpoint is not None else run.model
     model_dir = repo / "onerec"
     versions = sorted((int(p.name) for p in model_dir.glob("*")
                        if p.name.isdigit() and (p / "manifest.json").is_file()), reverse=True)
@@ -133,11 +136,11 @@ def needs_export(run: RunDir, repo: Path) -> str | None:
     catalog_hash = json.loads((run.catalog / "catalog.json").read_text())["content_hash"]
     if manifest.get("catalog_hash") != catalog_hash:
         return f"version {versions[0]} was exported from another catalog"
-    if Path(manifest.get("source_checkpoint", "")).resolve() != run.model.resolve():
-        return f"version {versions[0]} was exported from another run"
-    trained = run.read_marker("train")["finished_at"]
+    if Path(manifest.get("source_checkpoint", "")).resolve() != model.resolve():
+        return f"version {versions[0]} was exported from another model than {model}"
+    trained = (model / "model.safetensors").stat().st_mtime if checkpoint else run.read_marker("train")["finished_at"]
     if (model_dir / str(versions[0]) / "manifest.json").stat().st_mtime < trained:
-        return f"the run was retrained after version {versions[0]} was exported"
+        return f"{model} was rewritten after version {versions[0]} was exported"
     return None
 
 
@@ -162,7 +165,7 @@ class Stack:
             log.warning("a previous stack in %s is partly down (%s); restarting it", cfg.state, running.alive())
             self.down()
         self._check_ports()
-        reason = needs_export(run, cfg.repo)
+        reason = needs_export(run, cfg.repo, cfg.checkpoint)
         if reason:
             self._export(reason)
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -211,7 +214,7 @@ class Stack:
         from export.repository import export_run
 
         log.info("exporting %s into %s (%s)", self.cfg.run, self.cfg.repo, reason)
-        version = export_run(self.cfg.run, self.cfg.repo, self.cfg.precision)
+        version = export_run(self.cfg.run, self.cfg.repo, self.cfg.precision, checkpoint=self.cfg.checkpoint)
         log.info("exported %s", version)
 
     def _start_redis(self) -> RedisServer:

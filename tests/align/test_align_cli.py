@@ -38,6 +38,14 @@ def test_align_evaluate_and_export_an_iteration(tiny_run: Path, tmp_path: Path):
     assert code == 0, err
     manifest = json.loads((tmp_path / "repo" / "onerec" / "1" / "manifest.json").read_text())
     assert manifest["source_checkpoint"] == str((run / "align" / "iter_2").resolve())
+    # what Triton's backend runs (the ONNX engine) serves the aligned version with no change
+    from onerec.serving.engine import Engine
+    from onerec.tokenizer.catalog import Catalog
+
+    version = tmp_path / "repo" / "onerec" / "1"
+    engine, catalog = Engine(version, device="cpu"), Catalog.load(version)
+    [answer] = engine.generate([engine.query(catalog.sids[:10], beam_width=8, num_sessions=2)])
+    assert (catalog.trie.leaf_of(answer.sessions[0].cpu().numpy().reshape(-1, catalog.levels)) >= 0).all()
 
 
 def test_bad_flags_are_one_line_errors(tiny_run: Path, tmp_path: Path):

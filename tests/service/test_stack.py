@@ -53,9 +53,11 @@ def test_needs_export(tiny_run, exported_repo, tmp_path):
     later = dict(marker, finished_at=time.time() + 3600)
     run.marker("train").write_text(json.dumps(later))
     try:
-        assert needs_export(run, exported_repo) == "the run was retrained after version 1 was exported"
+        assert needs_export(run, exported_repo) == f"{run.model} was rewritten after version 1 was exported"
     finally:
         run.marker("train").write_text(json.dumps(marker))
+    aligned = tmp_path / "iter_1"  # another model directory of the run (an IPA iteration) is not what was exported
+    assert needs_export(run, exported_repo, aligned) == f"version 1 was exported from another model than {aligned}"
 
 
 def test_ports_in_use_or_repeated_are_refused(tmp_path):

@@ -143,7 +143,7 @@ def docker_compose() -> str:
         reason = "docker-compose not found (the offline compose validator): run `make tools`"
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
-        pytest.skip(reason)
+        pytest.skip(reason=reason)
     return path
 
 

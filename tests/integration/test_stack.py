@@ -14,10 +14,16 @@ from pathlib import Path
 import pytest
 
 from loadtest.run import run_loadtest
-from onerec.errors import UsageError
 from onerec.serving.triton import free_ports
-from service.prometheus_server import PrometheusServer, dashboard_queries, grafana_to_promql, local_config
+from service.prometheus_server import (
+    PrometheusServer,
+    dashboard_queries,
+    grafana_to_promql,
+    local_config,
+    prometheus_binary,
+)
 from service.stack import pid_alive, port_free
+from tests.tools import require_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SCRAPE_S = 1.0
@@ -64,14 +70,10 @@ def stack(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory):
 def prometheus(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory):
     gateway = stack.state["gateway_url"].removeprefix("http://")
     triton = stack.state["triton_metrics_url"].removeprefix("http://").removesuffix("/metrics")
-    try:
-        config = local_config({"gateway": gateway, "triton": triton}, SCRAPE_S)
-        server = PrometheusServer(tmp_path_factory.mktemp("prometheus"), free_ports(1)[0], config)
-        server.start()
-    except UsageError as e:  # no prometheus binary
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{e} (CI runs `make tools` first)")
-        pytest.skip(f"{e}")
+    require_tool(prometheus_binary)
+    config = local_config({"gateway": gateway, "triton": triton}, SCRAPE_S)
+    server = PrometheusServer(tmp_path_factory.mktemp("prometheus"), free_ports(1)[0], config)
+    server.start()
     yield server
     server.stop()
 

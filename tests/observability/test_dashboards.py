@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -25,6 +24,7 @@ from service.prometheus_server import (
     local_config,
     promtool_binary,
 )
+from tests.tools import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 PROVISIONING = OBSERVABILITY / "grafana" / "provisioning"
@@ -49,14 +49,7 @@ def datasource_uid() -> str:
     return source["uid"]
 
 
-def needs_tool(find) -> Path:
-    """The tool's path; without it pytest.fail under CI, else skip (both naming `make tools`)."""
-    try:
-        return find()
-    except UsageError as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{e} (CI runs `make tools` first)")
-        pytest.skip(str(e))
+needs_tool = require_tool
 
 
 DASHBOARD_FILES = sorted(EXPECTED_UIDS)
@@ -90,10 +83,6 @@ def compose_volumes(service: str) -> dict[str, str]:
 
 
 def test_compose_mounts_the_committed_files():
-    if not (REPO / "docker-compose.yml").is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail("docker-compose.yml is missing")
-        pytest.skip("docker-compose.yml not written yet")
     grafana = compose_volumes("grafana")
     assert grafana["observability/grafana/dashboards"] == GRAFANA_DASHBOARD_MOUNT
     assert grafana["observability/grafana/provisioning"] == "/etc/grafana/provisioning"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -10,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from onerec.errors import UsageError
 from onerec.serving.triton import free_ports
 from service.prometheus_server import PrometheusError, PrometheusServer, local_config, prometheus_binary
+from tests.tools import require_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 EXPOSITION = b"# TYPE demo_requests_total counter\ndemo_requests_total{route=\"/recommend\"} 42\n"
@@ -49,12 +48,7 @@ def metrics_endpoint() -> Iterator[str]:
 
 @pytest.fixture
 def prometheus(metrics_endpoint: str, tmp_path: Path) -> Iterator[PrometheusServer]:
-    try:
-        prometheus_binary()
-    except UsageError as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{e} (CI runs `make tools` first)")
-        pytest.skip(str(e))
+    require_tool(prometheus_binary)
     config = local_config({"gateway": metrics_endpoint, "triton": metrics_endpoint}, 0.5)
     server = PrometheusServer(tmp_path / "prometheus", free_ports(1)[0], config)
     server.start(timeout=30)

@@ -37,6 +37,20 @@ def attend(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=causal)
 
 
+def attend_step(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
+    """Inference attention of a decode step, written out: q (B', H, Q, hd), k/v (B', H, S, hd), scale
+    hd ** -0.5 (a Python float, so no shape arithmetic is exported) -> (B', H, Q, hd).
+
+    Same values as `attend` without dropout, but the graph it exports reads K once: `q @ k^T` with only q
+    scaled lets onnxruntime fuse the transpose into the MatMul, where SDPA's export scales K too and so
+    materialises the whole transposed, scaled cache every step (12 % of a beam-128 request, PERFORMANCE.md).
+    """
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))  # (B', H, Q, S)
+    if bias is not None:
+        scores = scores + bias
+    return torch.matmul(scores.softmax(dim=-1), v)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention, full-sequence (`forward`) or one position against a KV cache (`step`)."""
 
@@ -45,6 +59,7 @@ class SelfAttention(nn.Module):
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         self.n_heads = n_heads
+        self.scale = (d_model // n_heads) ** -0.5
         self.dropout = dropout
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
@@ -69,8 +84,7 @@ class SelfAttention(nn.Module):
         q, k, v = self.project(x.unsqueeze(-2))  # (B, W, H, 1, hd)
         k_all = torch.cat([k_cache, k], dim=-2)  # (B, W, H, T+1, hd)
         v_all = torch.cat([v_cache, v], dim=-2)
-        p = self.dropout if self.training else 0.0
-        o = attend(q.flatten(0, 1), k_all.flatten(0, 1), v_all.flatten(0, 1), None, p)  # (B*W, H, 1, hd)
+        o = attend_step(q.flatten(0, 1), k_all.flatten(0, 1), v_all.flatten(0, 1), self.scale)  # (B*W, H, 1, hd)
         o = merge_heads(o).reshape(x.shape)  # (B, W, D)
         return self.out(o), k_all, v_all
 
@@ -83,6 +97,7 @@ class CrossAttention(nn.Module):
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         self.n_heads = n_heads
+        self.scale = (d_model // n_heads) ** -0.5
         self.dropout = dropout
         self.q = nn.Linear(d_model, d_model)
         self.kv = nn.Linear(d_model, 2 * d_model)
@@ -99,6 +114,11 @@ class CrossAttention(nn.Module):
         q = split_heads(self.q(x), self.n_heads)  # (B, H, Q, hd)
         p = self.dropout if self.training else 0.0
         return self.out(merge_heads(attend(q, k, v, bias, p)))
+
+    def step(self, x: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        """`forward` for one decode step (inference, no dropout) through `attend_step`."""
+        q = split_heads(self.q(x), self.n_heads)  # (B, H, W, hd)
+        return self.out(merge_heads(attend_step(q, k, v, self.scale, bias)))
 
 
 class FeedForward(nn.Module):
@@ -207,6 +227,6 @@ class DecoderLayer(nn.Module):
         the W beams. Returns x (B, W, D) and the caches (B, W, H, T+1, hd)."""
         a, k_all, v_all = self.self_attn.step(self.ln_self(x), k_cache, v_cache)
         x = x + self.drop(a)
-        x = x + self.drop(self.cross_attn(self.ln_cross(x), mem_k, mem_v, mem_bias))  # W queries per request
+        x = x + self.drop(self.cross_attn.step(self.ln_cross(x), mem_k, mem_v, mem_bias))  # W queries per request
         x, _ = self._feed_forward(x)
         return x, k_all, v_all

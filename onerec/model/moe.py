@@ -38,13 +38,24 @@ def assignment_matrix(probs: Tensor, experts: Tensor) -> Tensor:
     return torch.zeros_like(probs).scatter(1, experts, torch.ones_like(experts, dtype=probs.dtype))
 
 
+def combine_slots(outs: Tensor, tokens: Tensor, top_k: int) -> Tensor:
+    """Expert outputs outs (S*k, D) of the token-slots `tokens` (S*k,), where every token of 0..S-1 appears
+    exactly k times -> their per-token sums (S, D).
+
+    A row gather by the slots' sort order and a sum over k, instead of a scatter-add per expert: onnxruntime's
+    ScatterElements adds element by element, and eight of them took ~6 % of a beam-128 request on the CPU.
+    """
+    order = torch.argsort(tokens)  # (S*k,) each token's k slots become adjacent
+    return outs.index_select(0, order).unflatten(0, (-1, top_k)).sum(1)  # (S, D)
+
+
 class MoEFeedForward(nn.Module):
     """Top-k mixture of GELU FFN experts.
 
     y(x) = sum over the token's top-k experts e of w_e * expert_e(x), w = top-k softmax probabilities
     renormalised to sum 1 (so with top_k=1 the chosen expert's output is used unscaled, and with one expert
     the layer is exactly a dense FFN). Each expert runs only on the tokens routed to it (`nonzero` +
-    `index_add`), never densely on all tokens. The expert loop is over a static count, so it traces.
+    `index_select`), never densely on all tokens. The expert loop is over a static count, so it traces.
     """
 
     def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int) -> None:
@@ -69,12 +80,13 @@ class MoEFeedForward(nn.Module):
         # combine[s, e]: weight of expert e for token s (0 where not routed); routed[s, e]: 1.0 where routed.
         combine = torch.zeros_like(routing.probs).scatter(1, routing.experts, routing.weights)  # (S, E)
         routed = assignment_matrix(routing.probs, routing.experts)  # (S, E)
-        y = torch.zeros_like(x)
+        outs, slots = [], []
         for e, expert in enumerate(self.experts):
             tokens = (routed[:, e] > 0).nonzero().squeeze(1)  # (S_e,) tokens routed to e, each at most once
             w = combine[:, e].index_select(0, tokens).unsqueeze(1)  # (S_e, 1)
-            out = expert(x.index_select(0, tokens)) * w  # (S_e, D)
-            y = y.index_add(0, tokens, out)
+            outs.append(expert(x.index_select(0, tokens)) * w)  # (S_e, D)
+            slots.append(tokens)
+        y = combine_slots(torch.cat(outs), torch.cat(slots), self.top_k)  # (S, D)
         return y, load_balancing_loss(routing.probs, routing.experts)
 
     def expert_parameters(self) -> int:

@@ -44,3 +44,16 @@ def test_synthetic_catalog_is_balanced_at_every_level(bench):
     for level in range(3):
         counts = np.bincount(catalog.sids[:, level], minlength=64)
         assert counts.min() == 1000 // 64 and counts.max() == -(-1000 // 64)
+
+
+def test_encoder_and_request_flops_by_hand(bench):
+    cfg = ModelConfig(codes=16, levels=2, session_len=2, d_model=4, n_heads=2, encoder_layers=1, decoder_layers=1,
+                      d_ff=8, n_experts=3, top_k=2)
+    # per history token: qkv + out 2*4*16 = 128, scores + values 2*2*256*4 = 4096, FFN 2*2*4*8 = 128;
+    # then the decoder layer's cross K/V projection 2*4*8 = 64
+    assert bench.encoder_flops(cfg, 256) == 256 * (128 + 4096 + 128 + 64)
+    # m=2 items of L=2 levels: positions 0..4 = BOS, s1, s2, BOS, s1 -> they score the codes of
+    # levels 0, 1, (ignored), 0, 1
+    children = (7, 3)
+    steps = [bench.decode_step_flops(cfg, 4, p, c) for p, c in enumerate((7, 3, 1, 7, 3))]
+    assert bench.request_flops(cfg, 4, children) == bench.encoder_flops(cfg, 256) + sum(steps)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import helper
@@ -15,7 +16,7 @@ from onnx import helper
 from export.onnx_graphs import export_graphs, torch_reshape_semantics
 from onerec.config import PRESETS
 from onerec.model.onerec import OneRecModel
-from onerec.serving.engine import OnnxModel
+from onerec.serving.engine import OnnxModel, session_options
 
 CFG = PRESETS["tiny"].model
 
@@ -100,6 +101,37 @@ def test_onnx_files_are_valid_and_named_like_optimum(graphs):
     assert [o.name for o in decoder.graph.output][:2] == ["logits", "present.0.decoder.key"]
     reshapes = [n for n in decoder.graph.node if n.op_type == "Reshape"]
     assert reshapes and all(any(a.name == "allowzero" and a.i == 1 for a in n.attribute) for n in reshapes)
+
+
+def test_decode_step_reads_the_cache_without_copying_it_for_attention(graphs, tmp_path):
+    """After onnxruntime's optimisations, no Transpose reads a layer's self-attention keys (the transpose is
+    fused into the attention MatMul), and the MoE combines its experts without a scatter-add: the two
+    patterns that cost ~18 % of a beam-128 request (docs/PERFORMANCE.md)."""
+    path = Path(graphs["fp32"].decoder._model_path)
+    # index_add exports as ScatterElements over axis 0 (token rows); the routing matrices scatter on axis 1
+    row_scatters = [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "ScatterElements"
+                    and any(a.name == "axis" and a.i == 0 for a in n.attribute)]
+    assert not row_scatters
+    options = session_options(1)
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(options.optimized_model_filepath).graph
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    seen, frontier, readers = set(), [f"present.{i}.decoder.key" for i in range(CFG.decoder_layers)], []
+    while frontier:  # follow each layer's keys through shape-only ops to the nodes that read the values
+        for node in consumers.get(frontier.pop(), []):
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            if node.op_type in ("Reshape", "Squeeze", "Unsqueeze"):
+                frontier.extend(node.output)
+            else:
+                readers.append(node.op_type)
+    assert readers and "Transpose" not in readers, readers
+    assert "FusedMatMul" in readers
 
 
 def test_reshape_with_a_constant_copy_zero_is_refused():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from onerec.model.layers import FeedForward
-from onerec.model.moe import MoEFeedForward, assignment_matrix, load_balancing_loss
+from onerec.model.moe import MoEFeedForward, assignment_matrix, combine_slots, load_balancing_loss
 
 
 def test_one_expert_top1_equals_dense_ffn() -> None:
@@ -85,3 +85,11 @@ def test_uniform_routing_gives_aux_one() -> None:
 def test_rejects_bad_top_k() -> None:
     with pytest.raises(ValueError, match="top_k"):
         MoEFeedForward(4, 8, n_experts=2, top_k=3)
+
+
+def test_combine_slots_sums_each_tokens_k_slots() -> None:
+    # 3 tokens, top-2: slots in expert order name tokens 2, 0 | 1, 2 | 0, 1
+    tokens = torch.tensor([2, 0, 1, 2, 0, 1])
+    outs = torch.tensor([[1.0], [2.0], [4.0], [8.0], [16.0], [32.0]])  # (S*k, D=1)
+    y = combine_slots(outs, tokens, top_k=2)
+    assert torch.equal(y, torch.tensor([[2.0 + 16.0], [4.0 + 32.0], [1.0 + 8.0]]))

@@ -86,7 +86,8 @@ class OnnxModel:
     def start(self, history: np.ndarray, mask: np.ndarray, beams: int) -> OrtStep:
         """A beam-search step function for these histories, with an empty self-attention cache."""
         B = history.shape[0]
-        empty = np.zeros((B, beams, self.cfg.n_heads, 0, self.cfg.head_dim), dtype=self.float_dtype)
+        # one beam: at the first position every beam is BOS on an empty cache, so one row stands for all
+        empty = np.zeros((B, 1, self.cfg.n_heads, 0, self.cfg.head_dim), dtype=self.float_dtype)
         cache = {past: self.to_device(empty) for _, past in self.self_names}
         return OrtStep(self, self.encode(history, mask), cache, self.to_device(mask))
 
@@ -118,6 +119,20 @@ class OrtStep:
         self.mask = mask
 
     def __call__(self, tokens: torch.Tensor, beam_idx: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """One position for (B, W) beams. While the cache holds a single beam (the first position, whose
+        input is BOS for every beam), every parent is that beam; a first position with shared candidates
+        runs one row per request and hands its logits to all W beams (one step's work saved per request)."""
+        B, W = tokens.shape
+        _, cached_beams, _, cached_len, _ = next(iter(self.cache.values())).shape()  # (B, W0, H, T, hd)
+        if cached_beams == 1:
+            beam_idx = torch.zeros_like(beam_idx)
+            if cached_len == 0 and W > 1 and candidates.shape[1] == 1:
+                logits = self.run(tokens[:, :1], beam_idx[:, :1], candidates)  # (B, 1, C)
+                return logits.expand(B, W, logits.shape[-1]).contiguous()
+        return self.run(tokens, beam_idx, candidates)
+
+    def run(self, tokens: torch.Tensor, beam_idx: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """decoder.onnx on these rows; keeps the new cache, returns logits (B, W, C) float32."""
         session = self.model.decoder
         binding = session.io_binding()
         binding.bind_cpu_input(layout.INPUT_IDS, tokens.cpu().numpy())

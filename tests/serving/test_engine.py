@@ -15,7 +15,7 @@ from onerec.data.sessions import Sessions
 from onerec.errors import UsageError
 from onerec.model.generate import generate
 from onerec.model.onerec import load_model
-from onerec.serving.engine import Engine
+from onerec.serving.engine import Engine, OrtStep
 from onerec.serving.layout import Manifest
 from tests.conftest import run_cli
 
@@ -47,6 +47,27 @@ def test_engine_equals_torch_reference_batched(engine: Engine, users, tiny_run: 
         assert np.all(leaves >= 0)  # every item a catalog SID
         assert all(len(set(s.tolist())) == len(s) for s in leaves)  # distinct within a session
         assert not np.isin(leaves, exclude[b]).any()  # history excluded
+
+
+def test_first_position_runs_one_row_per_request(engine: Engine, users, monkeypatch):
+    """Every beam starts as BOS on an empty cache: the first decoder call runs one row per request, the
+    next gathers all W beams from it, and the answer is the one the reference test above pins."""
+    rows: list[tuple[int, ...]] = []
+    run = OrtStep.run
+
+    def recording(self, tokens, beam_idx, candidates):
+        rows.append((tuple(tokens.shape), int(beam_idx.max())))
+        return run(self, tokens, beam_idx, candidates)
+
+    monkeypatch.setattr(OrtStep, "run", recording)
+    queries = [engine.query(h, BEAM.beam_width, BEAM.num_sessions) for h in users[:3]]
+    engine.generate(queries)
+    L = engine.cfg.levels
+    assert len(rows) == engine.cfg.session_len * (L + 1) - 1
+    assert rows[0] == ((3, 1), 0)  # (B, 1) rows, parent 0
+    assert rows[1] == ((3, BEAM.beam_width), 0)  # every beam's parent is the one cached beam
+    assert all(shape == (3, BEAM.beam_width) for shape, _ in rows[1:])
+    assert max(parent for _, parent in rows[2:]) > 0  # later steps really reorder
 
 
 def test_mixed_beam_widths_and_flags_equal_requests_alone(engine: Engine, users):

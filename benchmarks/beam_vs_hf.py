@@ -179,13 +179,14 @@ def encoder_flops(cfg: ModelConfig, history: int) -> float:
 
 def request_flops(cfg: ModelConfig, beams: int, children: tuple[int, ...]) -> float:
     """FLOPs of one request as the engine decodes it: the encoder once, then every position p of
-    [BOS, s^1..s^L] x m - 1 for `beams` rows, scoring children[level] candidates per row (children[0]: the
-    root's codes; a position before a BOS scores one ignored candidate)."""
+    [BOS, s^1..s^L] x m - 1 for `beams` rows (one row at p = 0, where every beam is BOS on an empty cache),
+    scoring children[level] candidates per row (children[0]: the root's codes; a position before a BOS
+    scores one ignored candidate)."""
     L = len(children)
     total = encoder_flops(cfg, HISTORY)
     for p in range(cfg.session_len * (L + 1) - 1):
         level = (p + 1) % (L + 1) - 1  # level of the code at p+1; -1: p+1 is a BOS
-        total += decode_step_flops(cfg, beams, p, children[level] if level >= 0 else 1)
+        total += decode_step_flops(cfg, beams if p else 1, p, children[level] if level >= 0 else 1)
     return total
 
 

@@ -53,7 +53,7 @@ def test_encoder_and_request_flops_by_hand(bench):
     # then the decoder layer's cross K/V projection 2*4*8 = 64
     assert bench.encoder_flops(cfg, 256) == 256 * (128 + 4096 + 128 + 64)
     # m=2 items of L=2 levels: positions 0..4 = BOS, s1, s2, BOS, s1 -> they score the codes of
-    # levels 0, 1, (ignored), 0, 1
+    # levels 0, 1, (ignored), 0, 1; position 0 runs one row (all beams are BOS on an empty cache)
     children = (7, 3)
-    steps = [bench.decode_step_flops(cfg, 4, p, c) for p, c in enumerate((7, 3, 1, 7, 3))]
+    steps = [bench.decode_step_flops(cfg, 4 if p else 1, p, c) for p, c in enumerate((7, 3, 1, 7, 3))]
     assert bench.request_flops(cfg, 4, children) == bench.encoder_flops(cfg, 256) + sum(steps)

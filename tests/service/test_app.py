@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
+import httpx2
 import numpy as np
 import pytest
 
@@ -212,8 +212,8 @@ def test_over_the_concurrency_limit_is_503_at_once():
     async def scenario():
         gate = asyncio.Event()
         gw = build_gateway(model=FakeModel(gate=gate), max_concurrency=1)
-        transport = httpx.ASGITransport(app=gw.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+        transport = httpx2.ASGITransport(app=gw.app)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://gw") as client:
             held = asyncio.create_task(client.post("/recommend", json={"user_id": "u1"}))
             while not gw.model.calls:
                 await asyncio.sleep(0.001)

@@ -36,7 +36,7 @@ from onerec.reward.labels import LABEL_MAPPING, TARGETS, LoggedSessions, build_l
 from onerec.reward.model import RewardConfig, RewardModel, load_reward_model, reward_loss, save_reward_model
 from onerec.runs import RunDir, staging_dir
 from onerec.tokenizer.catalog import Catalog
-from onerec.train.ntp import epoch_batches
+from onerec.train.ntp import epoch_batches, known_histories
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +62,10 @@ class RewardData:
     @classmethod
     def from_logged(cls, logged: LoggedSessions, catalog: Catalog, history_len: int) -> RewardData:
         """Translate to SIDs; keep sessions whose items are catalog items and whose history has a known item."""
-        hist_sids = catalog.sids_of(logged.history)  # (H, L), -1 rows for unknown videos
         item_sids = catalog.sids_of(logged.items.reshape(-1)).reshape(len(logged), -1, catalog.levels)
-        rows, offsets, chunks = [], [0], []
-        for i in range(len(logged)):
-            lo, hi = logged.history_offsets[i], logged.history_offsets[i + 1]
-            h = hist_sids[lo:hi][hist_sids[lo:hi, 0] >= 0][:history_len]
-            if len(h) == 0 or (item_sids[i] < 0).any():
-                continue
-            rows.append(i)
-            chunks.append(h)
-            offsets.append(offsets[-1] + len(h))
-        history = np.concatenate(chunks) if chunks else np.zeros((0, catalog.levels), dtype=np.int64)
-        return cls(history, np.asarray(offsets, dtype=np.int64), item_sids[rows], logged.labels[rows])
+        rows, history, offsets = known_histories(catalog, logged.history, logged.history_offsets, item_sids,
+                                                 history_len)
+        return cls(history, offsets, item_sids[rows], logged.labels[rows])
 
     def batch(self, idx: np.ndarray, history_len: int) -> tuple[torch.Tensor, ...]:
         """history (B, N, L), mask (B, N), session (B, m, L), labels (B, T) for the sessions `idx`."""

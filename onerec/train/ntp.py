@@ -31,6 +31,27 @@ from onerec.tokenizer.catalog import Catalog
 log = logging.getLogger(__name__)
 
 
+def known_histories(catalog: Catalog, videos: np.ndarray, video_offsets: np.ndarray, item_sids: np.ndarray,
+                    history_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ragged per-session histories of video ids (concatenated, `video_offsets` (S+1,)) in SID space, with
+    unknown videos dropped and each cut to its `history_len` most recent items; item_sids (S, m, L) are
+    the sessions' items, -1 where unknown. Keeps the sessions whose items are all catalog items and whose
+    history has a known item: returns their rows (S',), history (H', L) int64 and offsets (S'+1,) int64."""
+    hist_sids = catalog.sids_of(videos)  # (H, L), -1 rows for unknown videos
+    known = hist_sids[:, 0] >= 0
+    rows, offsets, chunks = [], [0], []
+    for i in range(len(item_sids)):
+        lo, hi = video_offsets[i], video_offsets[i + 1]
+        h = hist_sids[lo:hi][known[lo:hi]][:history_len]
+        if len(h) == 0 or (item_sids[i] < 0).any():
+            continue
+        rows.append(i)
+        chunks.append(h)
+        offsets.append(offsets[-1] + len(h))
+    history = np.concatenate(chunks) if chunks else np.zeros((0, catalog.levels), dtype=np.int64)
+    return np.asarray(rows, dtype=np.int64), history, np.asarray(offsets, dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class SidSessions:
     """Sessions translated to SIDs, ready for batching. Unknown history videos are dropped."""
@@ -49,21 +70,10 @@ class SidSessions:
     @classmethod
     def from_sessions(cls, sessions: Sessions, catalog: Catalog, history_len: int) -> SidSessions:
         """Keep sessions whose 5 targets are catalog items and whose history has >= 1 known item."""
-        hist_sids = catalog.sids_of(sessions.history)  # (H, L), -1 rows for unknown videos
-        known = hist_sids[:, 0] >= 0
         target_sids = catalog.sids_of(sessions.targets.reshape(-1)).reshape(len(sessions), -1, catalog.levels)
-        rows, offsets, chunks = [], [0], []
-        for i in range(len(sessions)):
-            lo, hi = sessions.history_offsets[i], sessions.history_offsets[i + 1]
-            h = hist_sids[lo:hi][known[lo:hi]][:history_len]
-            if len(h) == 0 or (target_sids[i] < 0).any():
-                continue
-            rows.append(i)
-            chunks.append(h)
-            offsets.append(offsets[-1] + len(h))
-        levels = catalog.levels
-        history = np.concatenate(chunks) if chunks else np.zeros((0, levels), dtype=np.int64)
-        return cls(history=history, offsets=np.asarray(offsets, dtype=np.int64), targets=target_sids[rows])
+        rows, history, offsets = known_histories(catalog, sessions.history, sessions.history_offsets, target_sids,
+                                                 history_len)
+        return cls(history=history, offsets=offsets, targets=target_sids[rows])
 
     def histories(self, idx: np.ndarray) -> list[np.ndarray]:
         return [self.history[self.offsets[i] : self.offsets[i + 1]] for i in idx]

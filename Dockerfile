@@ -30,6 +30,8 @@ COPY pyproject.toml README.md ./
 COPY onerec ./onerec
 COPY export ./export
 COPY service ./service
+COPY stack ./stack
+COPY cli ./cli
 COPY model_repo ./model_repo
 RUN pip install -e .
 # A fixed numeric uid, so that orchestrators can verify "not root" (Kubernetes runAsNonRoot) without /etc/passwd.
@@ -41,7 +43,7 @@ EXPOSE 8080
 # Liveness only (slim has no curl). docker-compose.yml probes /readyz instead, to gate the services behind it.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
-# = service.commands.gateway_args("0.0.0.0", 8080); settings come from ONEREC_* variables (service/settings.py).
+# = stack.commands.gateway_args("0.0.0.0", 8080); settings come from ONEREC_* variables (service/settings.py).
 CMD ["onerec", "serve", "--host", "0.0.0.0", "--port", "8080", "--workers", "1"]
 
 # --- loadtest ---------------------------------------------------------------------------------------------
@@ -81,6 +83,8 @@ COPY pyproject.toml README.md ./
 COPY onerec ./onerec
 COPY export ./export
 COPY service ./service
+COPY stack ./stack
+COPY cli ./cli
 COPY model_repo ./model_repo
 # onnxruntime-gpu replaces the CPU wheel (same API, CUDA provider).
 RUN pip install -e . \
@@ -90,7 +94,7 @@ RUN useradd --create-home --uid 10001 triton-user && mkdir -p /models /work && c
 USER triton-user
 EXPOSE 8000 8001 8002
 # /models: an exported repository (`onerec export --out model_repo`), mounted read-only.
-# = service.commands.triton_args("/models", "0.0.0.0", "/work").
+# = stack.commands.triton_args("/models", "0.0.0.0", "/work").
 CMD ["onerec", "triton", "--model-repo", "/models", "--host", "0.0.0.0", "--workdir", "/work", \
      "--http-port", "8000", "--grpc-port", "8001", "--metrics-port", "8002"]
 

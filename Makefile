@@ -52,8 +52,9 @@ test: install tools  ## the whole test suite, integration and slow tests include
 test-fast: install  ## unit tests only
 	$(BIN)/python -m pytest -m 'not integration and not slow'
 
-lint: install  ## ruff
+lint: install  ## ruff, then the import-linter layering contracts (pyproject.toml [tool.importlinter])
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-logo --no-cache
 
 bench: install  ## benchmarks (results go to docs/PERFORMANCE.md by hand, with the command and machine)
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'

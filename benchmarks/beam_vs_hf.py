@@ -37,8 +37,9 @@ from export.repository import ServingConfig, write_version
 from onerec.config import ModelConfig
 from onerec.model.onerec import OneRecModel
 from onerec.serving.engine import Engine, Query
-from onerec.serving.triton import TritonPorts, TritonServer, free_ports
 from onerec.tokenizer.catalog import Catalog
+from stack.probes import free_ports
+from stack.triton import TritonPorts, TritonServer
 
 log = logging.getLogger("beam_vs_hf")
 LEVELS, SESSION, HISTORY = 3, 5, 256

@@ -35,11 +35,12 @@ from export.repository import export_run
 from onerec.data.interactions import Interactions
 from onerec.data.sessions import latest_histories
 from onerec.runs import RunDir
-from onerec.serving.triton import TritonPorts, TritonServer, free_ports
 from onerec.tokenizer.catalog import Catalog
 from service.history import bulk_load
-from service.process import GatewayProcess
-from service.redis_server import RedisServer
+from stack.gateway import GatewayProcess
+from stack.probes import free_ports
+from stack.redis_server import RedisServer
+from stack.triton import TritonPorts, TritonServer
 
 log = logging.getLogger("gateway_overhead")
 STAT_FIELDS = ("queue", "compute_input", "compute_infer", "compute_output")

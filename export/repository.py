@@ -22,10 +22,10 @@ from onerec.tokenizer.catalog import Catalog
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "onerec"
-TEMPLATES = Path(__file__).resolve().parents[1] / "model_repo" / MODEL_NAME  # committed template + backend
+# The committed parts of a repository: the config template and the backend adapter (never a version slot).
+TEMPLATES = Path(__file__).resolve().parents[1] / "model_repo" / layout.MODEL_NAME
 CONFIG_TEMPLATE = TEMPLATES / "config.pbtxt.template"
-BACKEND = TEMPLATES / "1" / "model.py"
+BACKEND = TEMPLATES / layout.BACKEND_FILE
 
 
 @dataclass(frozen=True)
@@ -48,14 +48,6 @@ def resolve_precision(precision: str) -> str:
     if precision not in layout.PRECISIONS:
         raise UsageError(f"--precision: unknown precision {precision!r}; use fp16, fp32 or auto")
     return precision
-
-
-def next_version(model_dir: Path) -> int:
-    """1 + the highest numeric version directory; 1 for a new repository. Existing directories are never
-    reused: in this checkout's own `model_repo`, `onerec/1/` holds the committed backend adapter, so the
-    first export there is version 2 (Triton's default policy serves the latest version only)."""
-    versions = [int(p.name) for p in model_dir.glob("*") if p.name.isdigit() and p.is_dir()]
-    return max(versions, default=0) + 1
 
 
 def render_config(manifest: layout.Manifest, serving: ServingConfig) -> str:
@@ -96,9 +88,9 @@ def write_version(
     serving = serving or ServingConfig()
     if not BACKEND.is_file():
         raise UsageError(f"{BACKEND}: backend adapter not found (incomplete checkout?)")
-    model_dir = Path(repo) / MODEL_NAME
+    model_dir = layout.model_dir(repo)
     model_dir.mkdir(parents=True, exist_ok=True)
-    version = next_version(model_dir)
+    version = layout.next_version(model_dir)
     final = model_dir / str(version)
     staging = model_dir / f".staging-{version}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -106,7 +98,7 @@ def write_version(
     try:
         export_graphs(model, staging, precision)
         catalog.save(staging)
-        shutil.copy2(BACKEND, staging / "model.py")
+        shutil.copy2(BACKEND, staging / layout.BACKEND_FILE)
         manifest = layout.Manifest(
             preset=preset,
             precision=precision,
@@ -121,7 +113,7 @@ def write_version(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    config = model_dir / "config.pbtxt"
+    config = model_dir / layout.CONFIG_FILE
     tmp = config.with_suffix(".pbtxt.tmp")
     tmp.write_text(render_config(manifest, serving))
     tmp.replace(config)
@@ -145,3 +137,21 @@ def export_run(run_dir: Path, repo: Path, precision: str = "auto", serving: Serv
         )
     preset = run.read_marker("train").get("preset", "unknown")
     return write_version(model, catalog, repo, resolve_precision(precision), preset, str(source.resolve()), serving)
+
+
+def needs_export(run: RunDir, repo: Path, checkpoint: Path | None = None) -> str | None:
+    """Why the run must be exported into `repo` first (None: its latest version already is this run's model, or
+    `checkpoint`, another model directory of the run such as an IPA iteration)."""
+    model = Path(checkpoint) if checkpoint is not None else run.model
+    latest = layout.latest_version(repo)
+    if latest is None:
+        return f"{repo} holds no exported version"
+    manifest = layout.Manifest.load(latest)
+    if manifest.catalog_hash != Catalog.read_hash(run.catalog):
+        return f"version {latest.name} was exported from another catalog"
+    if Path(manifest.source_checkpoint).resolve() != model.resolve():
+        return f"version {latest.name} was exported from another model than {model}"
+    trained = (model / "model.safetensors").stat().st_mtime if checkpoint else run.read_marker("train")["finished_at"]
+    if (latest / layout.MANIFEST_FILE).stat().st_mtime < trained:
+        return f"{model} was rewritten after version {latest.name} was exported"
+    return None

@@ -15,7 +15,8 @@ import torch
 from export.onnx_graphs import export_graphs
 from onerec.config import BeamConfig
 from onerec.data.sessions import Sessions
-from onerec.model.generate import generate, pad_histories
+from onerec.data.sid import pad_histories
+from onerec.model.generate import generate
 from onerec.model.onerec import OneRecModel
 from onerec.serving.engine import Engine, OnnxModel
 from onerec.tokenizer.catalog import Catalog

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from onerec.errors import UsageError
+from onerec.serving import layout
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,8 @@ class TrainConfig:
 class BeamConfig:
     """Beam search settings shared by evaluation, export and serving."""
 
-    beam_width: int = 128
-    num_sessions: int = 16  # R best sessions returned
+    beam_width: int = layout.DEFAULT_BEAM_WIDTH
+    num_sessions: int = layout.DEFAULT_NUM_SESSIONS  # R best sessions returned
     exclude_history: bool = True
 
 

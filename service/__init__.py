@@ -1,1 +1,1 @@
-"""The FastAPI gateway: settings, schemas, routes, Redis history store, Triton client, catalog mapping, metrics."""
+"""The FastAPI gateway only: app, routes, deps, edge (admission), recommender, Triton client, history store, pinning."""

@@ -24,14 +24,6 @@ class Pinned:
     problem: str | None = None
 
 
-def version_dirs(model_dir: Path) -> list[Path]:
-    """Exported version directories (with a manifest) of `model_repo/<model>`, highest version first."""
-    if not model_dir.is_dir():
-        return []
-    dirs = [d for d in model_dir.iterdir() if d.is_dir() and d.name.isdigit() and (d / layout.MANIFEST_FILE).is_file()]
-    return sorted(dirs, key=lambda d: int(d.name), reverse=True)
-
-
 def load_version(model_dir: Path, version: str, expected_hash: str | None) -> Pinned:
     """Read `model_dir/<version>`'s catalog and manifest; `matched` iff its hash equals `expected_hash`.
 
@@ -51,7 +43,7 @@ def load_version(model_dir: Path, version: str, expected_hash: str | None) -> Pi
 
 def load_latest(model_dir: Path) -> Pinned | None:
     """The newest exported version on disk, unmatched (for popular answers until Triton says what it serves)."""
-    for directory in version_dirs(model_dir):
+    for directory in layout.version_dirs(model_dir):
         try:
             return load_version(model_dir, directory.name, None)
         except UsageError as e:

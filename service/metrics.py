@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -15,13 +16,13 @@ STAGES = ("redis", "triton", "mapping")
 FALLBACK_REASONS = ("cold_start", "redis_unavailable", "triton_unavailable", "triton_timeout", "triton_overloaded",
                     "triton_error", "circuit_open", "catalog_mismatch")
 REJECT_REASONS = ("overloaded", "body_too_large")
-ROUTES = ("/recommend", "/events", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
 
 
 class Metrics:
     """Every series the gateway exports; names are what the Grafana dashboards query."""
 
-    def __init__(self) -> None:
+    def __init__(self, routes: Iterable[str] = ()) -> None:
+        self.routes = frozenset(routes)  # the route label values (create_app reads them off the router)
         self.registry = CollectorRegistry()
         r = self.registry
         self.request_seconds = Histogram(
@@ -76,7 +77,7 @@ class Metrics:
             self.stage_seconds.labels(stage)
 
     def route_label(self, path: str) -> str:
-        return path if path in ROUTES else "other"
+        return path if path in self.routes else "other"
 
     def exposition(self) -> bytes:
         """The text format: this process's registry, or every worker's when PROMETHEUS_MULTIPROC_DIR is set."""

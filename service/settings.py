@@ -8,6 +8,8 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from onerec.serving import layout
+
 
 class Settings(BaseSettings):
     """Everything the gateway reads from its environment (`ONEREC_REDIS_URL`, `ONEREC_TRITON_URL`, ...)."""
@@ -23,10 +25,11 @@ class Settings(BaseSettings):
 
     # Triton model `onerec` and the repository its catalog is read from.
     triton_url: str = "127.0.0.1:8001"
-    model_name: str = "onerec"
+    model_name: str = layout.MODEL_NAME
     model_repo: Path = Path("model_repo")
-    beam_width: int = Field(128, ge=1, le=1024)
-    num_sessions: int = Field(16, ge=1, le=1024, description="generated sessions asked for (backfill pool)")
+    beam_width: int = Field(layout.DEFAULT_BEAM_WIDTH, ge=1, le=layout.MAX_BEAM_WIDTH)
+    num_sessions: int = Field(layout.DEFAULT_NUM_SESSIONS, ge=1, le=layout.MAX_BEAM_WIDTH,
+                              description="generated sessions asked for (backfill pool)")
     triton_timeout_s: float = Field(2.0, gt=0, description="deadline of one inference call")
     breaker_failures: int = Field(3, ge=1, description="consecutive Triton failures that open the circuit")
     breaker_reset_s: float = Field(1.0, gt=0, description="seconds the circuit stays open before one probe")

@@ -27,12 +27,13 @@ from tqdm.auto import tqdm
 from onerec.align.losses import LossConfig, PreferenceBatch, get_loss, preference_stats, sequence_logprob
 from onerec.align.pairs import PreferencePairs, gather_pairs, sample_users, select_pairs
 from onerec.config import BeamConfig
+from onerec.data.sid import SidSessions, pad_histories
 from onerec.errors import UsageError
 from onerec.eval import REWARD_TARGETS, SessionScorer
-from onerec.model.generate import generate, pad_histories
+from onerec.model.generate import generate
 from onerec.model.onerec import OneRecModel, save_model
 from onerec.tokenizer.catalog import Catalog
-from onerec.train.ntp import SidSessions, epoch_batches, session_loss
+from onerec.train.ntp import epoch_batches, session_loss
 
 log = logging.getLogger(__name__)
 

@@ -11,29 +11,10 @@ import numpy as np
 import torch
 
 from onerec.config import BeamConfig
+from onerec.data.sid import pad_histories
 from onerec.decoding.beam import BeamResult, beam_search
 from onerec.model.onerec import DecodeState, OneRecModel
 from onerec.tokenizer.trie import PrefixTrie
-
-
-def pad_histories(histories: Sequence[np.ndarray], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SID histories [(n_i, L)] (most recent first) -> padded (B, N, L) long and mask (B, N) bool.
-
-    Histories longer than `max_len` keep their `max_len` most recent items; N = the longest kept length.
-    """
-    if not histories:
-        raise ValueError("pad_histories needs at least one history")
-    lengths = [min(len(h), max_len) for h in histories]
-    if min(lengths) < 1:
-        raise ValueError("every history needs at least one known item (cold-start users are served elsewhere)")
-    levels = np.asarray(histories[0]).reshape(len(histories[0]), -1).shape[1]
-    n = max(lengths)
-    padded = np.zeros((len(histories), n, levels), dtype=np.int64)  # (B, N, L)
-    mask = np.zeros((len(histories), n), dtype=bool)  # (B, N)
-    for row, (hist, length) in enumerate(zip(histories, lengths, strict=True)):
-        padded[row, :length] = np.asarray(hist)[:length]
-        mask[row, :length] = True
-    return torch.from_numpy(padded), torch.from_numpy(mask)
 
 
 class ModelStep:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -27,16 +26,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from onerec.config import DataConfig, from_dict, to_dict
+from onerec.config import DataConfig
 from onerec.data.interactions import Interactions
+from onerec.data.sid import known_histories, pad_histories
 from onerec.device import resolve_device
 from onerec.errors import UsageError
-from onerec.model.generate import pad_histories
-from onerec.reward.labels import LABEL_MAPPING, TARGETS, LoggedSessions, build_logged_sessions
-from onerec.reward.model import RewardConfig, RewardModel, load_reward_model, reward_loss, save_reward_model
-from onerec.runs import RunDir, staging_dir
+from onerec.reward.labels import TARGETS, LoggedSessions, build_logged_sessions
+from onerec.reward.model import RewardConfig, RewardModel, load_reward_model, reward_loss
+from onerec.runs import RunDir
 from onerec.tokenizer.catalog import Catalog
-from onerec.train.ntp import epoch_batches, known_histories
+from onerec.train.ntp import epoch_batches
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +195,7 @@ def score_sessions(
     return out
 
 
-# ---- the run stage -----------------------------------------------------------------------------------
+# ---- in a run directory (the stage itself: onerec.stages.train_reward) -------------------------------
 
 
 def reward_dir(run: RunDir) -> Path:
@@ -210,12 +209,7 @@ def load_reward(run_dir: Path, device: str | torch.device = "cpu") -> RewardMode
     if not run.is_complete(STAGE):
         raise UsageError(f"--run: {run.root} has no completed reward model; run `onerec train-reward` first")
     trained_on = run.read_marker(STAGE).get("catalog_hash")
-    catalog_json = run.catalog / "catalog.json"
-    try:
-        current = json.loads(catalog_json.read_text()).get("content_hash")
-    except (OSError, ValueError, AttributeError) as e:
-        raise UsageError(f"{catalog_json}: cannot read the catalog summary ({e})") from e
-    if trained_on != current:
+    if trained_on != Catalog.read_hash(run.catalog):
         raise UsageError(f"{run.catalog}: catalog hash differs from the one the reward model was trained on; "
                          "run `onerec train-reward` again")
     return load_reward_model(reward_dir(run), device=device)
@@ -248,36 +242,6 @@ def build_reward_data(
                                   copies=cfg.copies)
     return (RewardData.from_logged(split.train, catalog, cfg.history_len),
             RewardData.from_logged(split.val, catalog, cfg.history_len))
-
-
-def train_reward_stage(run: RunDir, cfg: RewardConfig, preset: str, progress: bool = False) -> dict[str, Any]:
-    """`onerec train-reward`: build logged sessions, train, write RUN/reward/ then the marker RUN/reward.json.
-
-    Returns the JSON summary: validation BCE and AUC per target of the kept epoch, the same AUC on the validation
-    windows without skipped impressions (`val_auc_rated`: how well it ranks what users actually rated, apart
-    from telling shown items from skipped ones), session counts and seconds."""
-    run.require("tokenize")
-    check_config(cfg)
-    started = time.time()
-    catalog = Catalog.load(run.catalog)
-    data = from_dict(DataConfig, run.read_marker("prepare")["data"])
-    cfg = reward_config_for(cfg, catalog, data)
-    train_data, val_data = build_reward_data(run, catalog, cfg, data)
-    run.marker(STAGE).unlink(missing_ok=True)  # from here the old reward model is being replaced
-    result = train_reward(cfg, train_data, val_data, progress=progress)
-    rated_val = build_reward_data(run, catalog, dataclasses.replace(cfg, copies=1), data, skip_prob=0.0)[1]
-    rated = evaluate(result.model, rated_val, cfg.batch_size * 2, next(result.model.parameters()).device)
-    with staging_dir(reward_dir(run)) as tmp:
-        save_reward_model(result.model, tmp)
-    summary = {
-        "val_bce": result.best["bce"], "val_auc": result.best.get("auc", {}), "val_auc_rated": rated["auc"],
-        "best_epoch": result.best_epoch, "sessions": {"train": len(train_data), "val": len(val_data)},
-        "seconds": round(time.time() - started, 1),
-    }
-    run.complete(STAGE, {**summary, "preset": preset, "reward": to_dict(cfg), "targets": list(TARGETS),
-                         "label_mapping": LABEL_MAPPING, "history": result.history,
-                         "catalog_hash": catalog.content_hash})
-    return summary
 
 
 def session_scorer(model: RewardModel, batch_size: int = 256) -> Callable[[list[np.ndarray], np.ndarray], np.ndarray]:

@@ -1,1 +1,1 @@
-"""Serving-side library: the ONNX beam-search engine the Triton backend adapts, and the model version layout."""
+"""Serving-side library: the ONNX beam-search engine the Triton backend adapts, and the repository layout owner."""

@@ -16,9 +16,9 @@ import onnxruntime as ort
 import torch
 
 from onerec.config import ModelConfig, from_dict
+from onerec.data.sid import pad_histories
 from onerec.decoding.beam import BeamResult, beam_search
 from onerec.errors import UsageError
-from onerec.model.generate import pad_histories
 from onerec.serving import layout
 from onerec.tokenizer.catalog import Catalog
 
@@ -152,8 +152,8 @@ class Query:
     """One user's generation request, validated."""
 
     history: np.ndarray  # (n, L) int64 SIDs, most recent first, 1 <= n <= history_len
-    beam_width: int = 128
-    num_sessions: int = 16
+    beam_width: int = layout.DEFAULT_BEAM_WIDTH
+    num_sessions: int = layout.DEFAULT_NUM_SESSIONS
     exclude_history: bool = True
 
 
@@ -172,7 +172,8 @@ class Engine:
             )
         self.model = OnnxModel(self.directory, self.cfg, self.manifest.precision, device, threads)
 
-    def query(self, history: np.ndarray, beam_width: int = 128, num_sessions: int = 16,
+    def query(self, history: np.ndarray, beam_width: int = layout.DEFAULT_BEAM_WIDTH,
+              num_sessions: int = layout.DEFAULT_NUM_SESSIONS,
               exclude_history: bool = True) -> Query:
         """Validate one request's values; ValueError names the Triton tensor at fault."""
         history = np.asarray(history)

@@ -1,4 +1,8 @@
-"""The files of one exported model version (`model_repo/onerec/<n>/`) and the ONNX graphs' tensor names."""
+"""The one owner of the model repository's layout and the Triton contract: names, defaults, version discovery.
+
+A repository is `REPO/onerec/` holding `config.pbtxt` (rendered by export) and numbered version directories
+`1/, 2/, ...`, each with the ONNX graphs, the catalog, `manifest.json` and the backend adapter `model.py`. Export,
+the engine, the backend adapter, the gateway and the local stack all read the layout through this module."""
 
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ from typing import Any
 
 from onerec.errors import UsageError
 
+MODEL_NAME = "onerec"  # the Triton model
+CONFIG_FILE = "config.pbtxt"  # REPO/onerec/config.pbtxt, rendered from the committed template by export
+BACKEND_FILE = "model.py"  # the Python-backend adapter, copied into every version
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -70,4 +77,36 @@ IN_NUM_SESSIONS = "NUM_SESSIONS"  # INT32 [1], optional
 IN_EXCLUDE = "EXCLUDE_HISTORY"  # BOOL [1], optional
 OUT_SESSIONS = "SESSION_SIDS"  # INT32 [R, m, L]
 OUT_SCORES = "SESSION_SCORES"  # FP32 [R]
+DEFAULT_BEAM_WIDTH = 128  # BEAM_WIDTH when the request leaves it out
+DEFAULT_NUM_SESSIONS = 16  # NUM_SESSIONS when the request leaves it out
 MAX_BEAM_WIDTH = 1024
+
+
+def model_dir(repo: Path, model: str = MODEL_NAME) -> Path:
+    """REPO/onerec: the Triton model directory (config.pbtxt and the versions)."""
+    return Path(repo) / model
+
+
+def version_dirs(model_directory: Path) -> list[Path]:
+    """Exported version directories (numeric, with a manifest) of a model directory, highest version first."""
+    if not model_directory.is_dir():
+        return []
+    dirs = [d for d in model_directory.iterdir()
+            if d.is_dir() and d.name.isdigit() and (d / MANIFEST_FILE).is_file()]
+    return sorted(dirs, key=lambda d: int(d.name), reverse=True)
+
+
+def latest_version(repo: Path) -> Path | None:
+    """The newest exported version of REPO/onerec that Triton would serve (it has a config.pbtxt), or None."""
+    directory = model_dir(repo)
+    versions = version_dirs(directory)
+    if not versions or not (directory / CONFIG_FILE).is_file():
+        return None
+    return versions[0]
+
+
+def next_version(model_directory: Path) -> int:
+    """1 + the highest numeric directory of a model directory (any numeric directory, finished or not, so a
+    number is never reused); 1 for a new repository."""
+    versions = [int(p.name) for p in model_directory.glob("*") if p.name.isdigit() and p.is_dir()]
+    return max(versions, default=0) + 1

@@ -163,6 +163,15 @@ class Catalog:
             )
         return catalog
 
+    @staticmethod
+    def read_hash(directory: Path) -> str:
+        """The content hash from catalog.json alone (no arrays loaded); UsageError naming the file."""
+        path = Path(directory) / JSON_NAME
+        meta = _read_json(path)
+        if not isinstance(meta.get("content_hash"), str):
+            raise UsageError(f"{path}: catalog summary has no content_hash")
+        return meta["content_hash"]
+
 
 def content_hash(video_ids: np.ndarray, sids: np.ndarray, popularity: np.ndarray, num_codes: int) -> str:
     """sha256 hex over the base arrays (canonical little-endian int64, shapes included) and K."""

@@ -21,67 +21,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from onerec.config import ModelConfig, Preset, TrainConfig, save_json, to_dict
-from onerec.data.sessions import Sessions
+from onerec.data.sid import SidSessions
 from onerec.device import resolve_device
 from onerec.errors import UsageError
-from onerec.model.generate import pad_histories
 from onerec.model.onerec import OneRecModel, load_model, save_model
 from onerec.tokenizer.catalog import Catalog
 
 log = logging.getLogger(__name__)
-
-
-def known_histories(catalog: Catalog, videos: np.ndarray, video_offsets: np.ndarray, item_sids: np.ndarray,
-                    history_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ragged per-session histories of video ids (concatenated, `video_offsets` (S+1,)) in SID space, with
-    unknown videos dropped and each cut to its `history_len` most recent items; item_sids (S, m, L) are
-    the sessions' items, -1 where unknown. Keeps the sessions whose items are all catalog items and whose
-    history has a known item: returns their rows (S',), history (H', L) int64 and offsets (S'+1,) int64."""
-    hist_sids = catalog.sids_of(videos)  # (H, L), -1 rows for unknown videos
-    known = hist_sids[:, 0] >= 0
-    rows, offsets, chunks = [], [0], []
-    for i in range(len(item_sids)):
-        lo, hi = video_offsets[i], video_offsets[i + 1]
-        h = hist_sids[lo:hi][known[lo:hi]][:history_len]
-        if len(h) == 0 or (item_sids[i] < 0).any():
-            continue
-        rows.append(i)
-        chunks.append(h)
-        offsets.append(offsets[-1] + len(h))
-    history = np.concatenate(chunks) if chunks else np.zeros((0, catalog.levels), dtype=np.int64)
-    return np.asarray(rows, dtype=np.int64), history, np.asarray(offsets, dtype=np.int64)
-
-
-@dataclass(frozen=True)
-class SidSessions:
-    """Sessions translated to SIDs, ready for batching. Unknown history videos are dropped."""
-
-    history: np.ndarray  # (H, L) int64, each session's history most recent first, concatenated
-    offsets: np.ndarray  # (S+1,) int64
-    targets: np.ndarray  # (S, m, L) int64
-
-    def __len__(self) -> int:
-        return int(self.targets.shape[0])
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    @classmethod
-    def from_sessions(cls, sessions: Sessions, catalog: Catalog, history_len: int) -> SidSessions:
-        """Keep sessions whose 5 targets are catalog items and whose history has >= 1 known item."""
-        target_sids = catalog.sids_of(sessions.targets.reshape(-1)).reshape(len(sessions), -1, catalog.levels)
-        rows, history, offsets = known_histories(catalog, sessions.history, sessions.history_offsets, target_sids,
-                                                 history_len)
-        return cls(history=history, offsets=offsets, targets=target_sids[rows])
-
-    def histories(self, idx: np.ndarray) -> list[np.ndarray]:
-        return [self.history[self.offsets[i] : self.offsets[i + 1]] for i in idx]
-
-    def batch(self, idx: np.ndarray, history_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """history (B, N, L), mask (B, N), targets (B, m, L) for the sessions `idx`."""
-        history, mask = pad_histories(self.histories(idx), history_len)
-        return history, mask, torch.from_numpy(self.targets[idx])
 
 
 def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:

@@ -11,11 +11,11 @@ import torch
 from onerec.align.ipa import AlignConfig, align, pair_batches
 from onerec.config import BeamConfig
 from onerec.data.sessions import Sessions
+from onerec.data.sid import SidSessions
 from onerec.errors import UsageError
 from onerec.eval import evaluate
 from onerec.model.onerec import load_model
 from onerec.tokenizer.catalog import Catalog
-from onerec.train.ntp import SidSessions
 from tests.align.planted import planted_scorer
 
 pytestmark = pytest.mark.slow

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from onerec.serving.triton import EXIT_TIMEOUT_S, TritonPorts, TritonServer, server_command
-from service.commands import gateway_args, load_histories_args, triton_args
-from service.stack import StackConfig
+from stack.commands import gateway_args, load_histories_args, triton_args
+from stack.local import StackConfig
+from stack.triton import EXIT_TIMEOUT_S, TritonPorts, TritonServer, server_command
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
@@ -322,7 +322,7 @@ def test_images_are_pinned(services: dict) -> None:
 def test_container_commands_equal_the_local_launcher(services: dict) -> None:
     assert services["triton"]["command"] == triton_args(MODEL_REPO, "0.0.0.0", TRITON_WORKDIR)
     assert services["gateway"]["command"] == gateway_args("0.0.0.0", GATEWAY_PORT)
-    # with the files the load test reads, as `onerec up` runs it (service/stack.py, Stack._load_histories)
+    # with the files the load test reads, as `onerec up` runs it (stack/local.py, Stack._load_histories)
     assert services["load-histories"]["command"] == load_histories_args(
         RUN_DIR, REDIS_URL, f"{USERS_DIR}/users.txt", f"{USERS_DIR}/videos.txt")
 

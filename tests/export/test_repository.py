@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from export.repository import BACKEND, CONFIG_TEMPLATE, ServingConfig, next_version, render_config
-from onerec.serving.layout import Manifest
+from export.repository import BACKEND, CONFIG_TEMPLATE, ServingConfig, needs_export, render_config
+from onerec.runs import RunDir
+from onerec.serving.layout import Manifest, next_version
 from onerec.tokenizer.catalog import Catalog
 from tests.conftest import run_cli
 
@@ -67,7 +69,7 @@ def test_gpu_config_and_template_placeholders(exported_repo: Path):
 
 def test_versions_count_up_and_never_reuse_a_directory(tmp_path: Path, exported_repo: Path, tiny_run: Path):
     repo = tmp_path / "repo"
-    (repo / "onerec" / "1").mkdir(parents=True)  # like this checkout's committed onerec/1/model.py
+    (repo / "onerec" / "1").mkdir(parents=True)  # a numeric directory, even an empty one, keeps its number
     assert next_version(repo / "onerec") == 2
     code, _, err = run_cli("export", "--run", tiny_run, "--out", repo, "--precision", "fp16", "--device", "cpu")
     assert code == 0, err
@@ -108,3 +110,18 @@ def test_untrained_run_exits_2_and_writes_no_version(tmp_path: Path, tiny_run: P
     code, _, err = run_cli("export", "--run", run, "--out", tmp_path / "repo")
     assert code == 2 and "train" in err
     assert not (tmp_path / "repo" / "onerec" / "1").exists()
+
+
+def test_needs_export(tiny_run, exported_repo, tmp_path):
+    run = RunDir(tiny_run)
+    assert needs_export(run, tmp_path) == f"{tmp_path} holds no exported version"
+    assert needs_export(run, exported_repo) is None  # exported from this very run, after training
+    marker = json.loads(run.marker("train").read_text())
+    later = dict(marker, finished_at=time.time() + 3600)
+    run.marker("train").write_text(json.dumps(later))
+    try:
+        assert needs_export(run, exported_repo) == f"{run.model} was rewritten after version 1 was exported"
+    finally:
+        run.marker("train").write_text(json.dumps(marker))
+    aligned = tmp_path / "iter_1"  # another model directory of the run (an IPA iteration) is not what was exported
+    assert needs_export(run, exported_repo, aligned) == f"version 1 was exported from another model than {aligned}"

@@ -19,7 +19,7 @@ COMMANDS = ("prepare", "tokenize", "train", "evaluate", "export", "triton")
 
 
 def test_help_lists_every_command_and_each_has_help():
-    out = subprocess.run([sys.executable, "-m", "onerec.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "cli", "--help"], capture_output=True, text=True, check=True)
     for command in COMMANDS:
         assert command in out.stdout
         code, text, _ = run_cli(command, "--help")

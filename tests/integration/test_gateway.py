@@ -18,10 +18,11 @@ from onerec.data.sessions import Sessions
 from onerec.model.generate import generate
 from onerec.model.onerec import load_model
 from onerec.recommend import sessions_to_videos
-from onerec.serving.triton import TritonPorts, TritonServer, free_ports
 from onerec.tokenizer.catalog import Catalog
-from service.process import GatewayProcess
-from service.redis_server import RedisServer
+from stack.gateway import GatewayProcess
+from stack.probes import free_ports
+from stack.redis_server import RedisServer
+from stack.triton import TritonPorts, TritonServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BEAM = BeamConfig(beam_width=16, num_sessions=4)

@@ -14,15 +14,14 @@ from pathlib import Path
 import pytest
 
 from loadtest.run import run_loadtest
-from onerec.serving.triton import free_ports
-from service.prometheus_server import (
+from stack.probes import free_ports, pid_alive, port_free
+from stack.prometheus import (
     PrometheusServer,
     dashboard_queries,
     grafana_to_promql,
     local_config,
     prometheus_binary,
 )
-from service.stack import pid_alive, port_free
 from tests.tools import require_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -31,7 +30,7 @@ RATE_WINDOW = "30s"  # what Grafana's $__rate_interval becomes here (several 1 s
 
 
 def onerec(*args: object, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "onerec.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 

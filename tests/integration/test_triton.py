@@ -23,7 +23,8 @@ from onerec.data.sessions import Sessions
 from onerec.model.generate import generate
 from onerec.model.onerec import load_model
 from onerec.serving.engine import Engine
-from onerec.serving.triton import TritonPorts, TritonServer, free_ports
+from stack.probes import free_ports
+from stack.triton import TritonPorts, TritonServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BEAM = BeamConfig(beam_width=16, num_sessions=4)
@@ -129,7 +130,7 @@ def test_mismatched_catalog_hash_refuses_to_load(exported_repo, tmp_path):
 
 def test_onerec_triton_command_serves_until_sigterm(exported_repo, tmp_path):
     http, grpc, metrics = free_ports(3)
-    command = [sys.executable, "-m", "onerec.cli", "triton", "--model-repo", str(exported_repo),
+    command = [sys.executable, "-m", "cli", "triton", "--model-repo", str(exported_repo),
                "--workdir", str(tmp_path / "work"), "--http-port", str(http), "--grpc-port", str(grpc),
                "--metrics-port", str(metrics)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

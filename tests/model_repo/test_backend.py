@@ -1,4 +1,4 @@
-"""The Triton adapter `model_repo/onerec/1/model.py` under a fake `triton_python_backend_utils`."""
+"""The Triton adapter `model_repo/onerec/model.py` under a fake `triton_python_backend_utils`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from onerec.decoding.beam import CancelledError
 from onerec.serving.layout import Manifest
 from tests.model_repo import fake_pb_utils as pb
 
-BACKEND = Path(__file__).resolve().parents[2] / "model_repo" / "onerec" / "1" / "model.py"
+BACKEND = Path(__file__).resolve().parents[2] / "model_repo" / "onerec" / "model.py"
 
 
 @pytest.fixture(scope="module")

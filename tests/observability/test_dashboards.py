@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from onerec.errors import UsageError
-from service import prometheus_server
-from service.prometheus_server import (
+from stack import prometheus as prometheus_server
+from stack.prometheus import (
     DASHBOARDS,
     OBSERVABILITY,
     PROMETHEUS_CONFIG,

@@ -8,8 +8,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.app import create_app, get_history, get_readiness, get_recommender
+from service.app import create_app
 from service.catalog import Pinned
+from service.deps import get_history, get_readiness, get_recommender
 from service.recommender import Recommender
 from service.schemas import Readiness
 from service.settings import Settings

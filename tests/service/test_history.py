@@ -10,9 +10,9 @@ import redis
 
 from onerec.data.interactions import Interactions
 from onerec.data.sessions import latest_histories
-from onerec.serving.triton import free_ports
 from service.history import HistoryError, RedisHistory, bulk_load, open_redis
-from service.redis_server import RedisServer
+from stack.probes import free_ports
+from stack.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
 

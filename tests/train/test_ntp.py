@@ -11,6 +11,7 @@ import torch
 
 from onerec.config import PRESETS, TrainConfig
 from onerec.data.sessions import Sessions
+from onerec.data.sid import SidSessions
 from onerec.errors import UsageError
 from onerec.runs import RunDir
 from onerec.tokenizer.catalog import Catalog
@@ -37,8 +38,8 @@ def test_lr_warmup_then_cosine_to_a_tenth():
 def _data(run: Path):
     rd = RunDir(run)
     catalog = Catalog.load(rd.catalog)
-    train = ntp.SidSessions.from_sessions(Sessions.load(rd.sessions("train")), catalog, 32)
-    val = ntp.SidSessions.from_sessions(Sessions.load(rd.sessions("val")), catalog, 32)
+    train = SidSessions.from_sessions(Sessions.load(rd.sessions("train")), catalog, 32)
+    val = SidSessions.from_sessions(Sessions.load(rd.sessions("val")), catalog, 32)
     return catalog, train, val
 
 

@@ -81,8 +81,8 @@ class TritonPythonModel:
         if history.ndim != 3:
             raise ValueError(f"{layout.IN_HISTORY}: expected shape [batch, n, L], got {list(history.shape)}")
         rows = history.shape[0]
-        beam = row_values(request, layout.IN_BEAM_WIDTH, np.int32, rows, 128)
-        sessions = row_values(request, layout.IN_NUM_SESSIONS, np.int32, rows, 16)
+        beam = row_values(request, layout.IN_BEAM_WIDTH, np.int32, rows, layout.DEFAULT_BEAM_WIDTH)
+        sessions = row_values(request, layout.IN_NUM_SESSIONS, np.int32, rows, layout.DEFAULT_NUM_SESSIONS)
         exclude = row_values(request, layout.IN_EXCLUDE, np.bool_, rows, True)
         return [
             self.engine.query(history[r], int(beam[r]), int(sessions[r]), bool(exclude[r])) for r in range(rows)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from onerec.serving.triton import free_ports
-from service.prometheus_server import PrometheusError, PrometheusServer, local_config, prometheus_binary
+from stack.probes import free_ports
+from stack.prometheus import PrometheusError, PrometheusServer, local_config, prometheus_binary
 from tests.tools import require_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

@@ -6,16 +6,15 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from onerec.errors import UsageError
-from onerec.runs import RunDir
-from onerec.serving.triton import TritonPorts, free_ports
-from service.commands import gateway_args, load_histories_args, local_command, triton_args
-from service.stack import Stack, StackConfig, StackState, describe, needs_export, pid_alive, stop_pid
+from stack.commands import gateway_args, load_histories_args, local_command, triton_args
+from stack.local import Stack, StackConfig, StackState, describe, stop_pid
+from stack.probes import free_ports, pid_alive
+from stack.triton import TritonPorts
 from tests.conftest import run_cli
 
 
@@ -42,22 +41,7 @@ def test_commands_are_the_onerec_cli_run_by_this_interpreter():
                                              "--workers", "1"]
     assert load_histories_args("/run", "redis://redis:6379/0")[1:] == [
         "load-histories", "--run", "/run", "--redis-url", "redis://redis:6379/0"]
-    assert local_command(gateway_args("h", 1))[:3] == [sys.executable, "-m", "onerec.cli"]
-
-
-def test_needs_export(tiny_run, exported_repo, tmp_path):
-    run = RunDir(tiny_run)
-    assert needs_export(run, tmp_path) == f"{tmp_path} holds no exported version"
-    assert needs_export(run, exported_repo) is None  # exported from this very run, after training
-    marker = json.loads(run.marker("train").read_text())
-    later = dict(marker, finished_at=time.time() + 3600)
-    run.marker("train").write_text(json.dumps(later))
-    try:
-        assert needs_export(run, exported_repo) == f"{run.model} was rewritten after version 1 was exported"
-    finally:
-        run.marker("train").write_text(json.dumps(marker))
-    aligned = tmp_path / "iter_1"  # another model directory of the run (an IPA iteration) is not what was exported
-    assert needs_export(run, exported_repo, aligned) == f"version 1 was exported from another model than {aligned}"
+    assert local_command(gateway_args("h", 1))[:3] == [sys.executable, "-m", "cli"]
 
 
 def test_ports_in_use_or_repeated_are_refused(tmp_path):

@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 import sysconfig
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
 from onerec.errors import UsageError
-from onerec.serving.child import ChildProcess
+from onerec.serving import layout
+from stack.child import ChildProcess
+from stack.probes import http_ok
 
 logger = logging.getLogger(__name__)
 
@@ -35,18 +33,6 @@ class TritonPorts:
     http: int = 8000
     grpc: int = 8001
     metrics: int = 8002
-
-
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """`n` distinct ports free on `host` right now (for tests and benchmarks that start servers)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def wheel_root() -> Path:
@@ -110,14 +96,6 @@ def server_command(model_repo: Path, backends: Path, ports: TritonPorts, host: s
     ]
 
 
-def http_ok(url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (loopback URL we built)
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 class TritonServer(ChildProcess):
     """One tritonserver process serving `model_repo`, its log in `workdir/tritonserver.log`."""
 
@@ -141,25 +119,15 @@ class TritonServer(ChildProcess):
 
     def start(self, timeout: float = 180.0) -> TritonServer:
         """Start the server and return once /v2/health/ready answers 200 (every model loaded)."""
-        if not (self.model_repo / "onerec" / "config.pbtxt").is_file():
+        if not (layout.model_dir(self.model_repo) / layout.CONFIG_FILE).is_file():
             raise UsageError(f"{self.model_repo}: no onerec/config.pbtxt; run `onerec export` first")
         self.workdir.mkdir(parents=True, exist_ok=True)
         command = server_command(self.model_repo, backend_directory(self.workdir), self.ports, self.host)
-        log = open(self.log_path, "ab")  # noqa: SIM115 (owned by the child for its lifetime)
         logger.info("starting tritonserver (log: %s)", self.log_path)
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_env(),
-                                        start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
-            if http_ok(f"{self.http_url}/v2/health/ready"):
-                logger.info("tritonserver ready: http %s, grpc %s", self.http_url, self.grpc_url)
-                return self
-            time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(f"tritonserver not ready after {timeout:.0f}s:\n{self.log_tail()}")
+        self.spawn(command, env=server_env())
+        self.wait_ready(lambda: http_ok(f"{self.http_url}/v2/health/ready"), timeout, poll=0.25)
+        logger.info("tritonserver ready: http %s, grpc %s", self.http_url, self.grpc_url)
+        return self
 
     def stop(self, timeout: float = 40.0) -> int | None:
         """SIGTERM (Triton drains in-flight requests), then SIGKILL after `timeout`; the exit code."""

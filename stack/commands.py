@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from onerec.serving.triton import TritonPorts
+from stack.triton import TritonPorts
 
 
 def triton_args(model_repo: str, host: str, workdir: str, ports: TritonPorts | None = None) -> list[str]:
@@ -34,4 +34,4 @@ def load_histories_args(run: str, redis_url: str, users_out: str | None = None,
 def local_command(args: list[str]) -> list[str]:
     """An `onerec ...` argument list run with this interpreter (the venv's, whatever PATH says)."""
     assert args[0] == "onerec", args
-    return [sys.executable, "-m", "onerec.cli", *args[1:]]
+    return [sys.executable, "-m", "cli", *args[1:]]

@@ -7,14 +7,13 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from importlib.util import find_spec
 from pathlib import Path
 
 import redis
 
 from onerec.errors import UsageError
-from onerec.serving.child import ChildProcess
+from stack.child import ChildProcess
 
 log = logging.getLogger(__name__)
 
@@ -54,24 +53,14 @@ class RedisServer(ChildProcess):
     def start(self, timeout: float = 15.0) -> RedisServer:
         """Start and return once PING answers."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=True)
+        self.spawn(self.command(), log_output=False)  # redis-server writes its own --logfile
         client = redis.Redis(host=self.host, port=self.port, socket_timeout=1, socket_connect_timeout=1)
-        deadline = time.monotonic() + timeout
         try:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with {self.process.returncode}:\n{self.log_tail()}")
-                try:
-                    if client.ping():
-                        log.info("redis-server ready on %s (log: %s)", self.url, self.log_path)
-                        return self
-                except redis.RedisError:
-                    time.sleep(0.05)
+            self.wait_ready(lambda: _pings(client), timeout, poll=0.05)
         finally:
             client.close()
-        self.stop()
-        raise RuntimeError(f"redis-server not ready after {timeout:.0f}s:\n{self.log_tail()}")
+        log.info("redis-server ready on %s (log: %s)", self.url, self.log_path)
+        return self
 
     def pause(self) -> None:
         """SIGSTOP: the server hangs (connections accepted, nothing answered) until `resume`."""
@@ -85,3 +74,10 @@ class RedisServer(ChildProcess):
     def __enter__(self) -> RedisServer:
         return self.start()
 
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False

@@ -1,6 +1,7 @@
 """The local stack behind `onerec up` / `onerec down`: redis-server, tritonserver and the gateway as detached processes.
 
-The container commands in docker-compose.yml are the argument lists of `service/commands.py`, so the local stack
+It serves a repository that already holds an exported version (`onerec up` exports first when it must). The
+container commands in docker-compose.yml are the argument lists of `stack/commands.py`, so the local stack
 and the tests cover what the containers run. Everything a stack writes lives in one state directory (default
 `RUN/stack/`): `stack.json` (URLs, ports, pids), `{redis,triton,gateway}.pid`, `logs/`, Redis's append-only
 file, Triton's backend links, and the `users.txt` / `videos.txt` the load tests draw from.
@@ -13,18 +14,20 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from onerec.errors import UsageError
 from onerec.runs import RunDir
-from onerec.serving.triton import EXIT_TIMEOUT_S, TritonPorts, http_ok
-from service.commands import gateway_args, load_histories_args, local_command, triton_args
-from service.process import GatewayProcess, get_json
-from service.redis_server import RedisServer
+from onerec.serving import layout
+from stack.commands import gateway_args, load_histories_args, local_command, triton_args
+from stack.gateway import GatewayProcess
+from stack.probes import get_json, http_ok, pid_alive, port_free, post_json
+from stack.redis_server import RedisServer
+from stack.triton import EXIT_TIMEOUT_S, TritonPorts
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +40,14 @@ class StackConfig:
 
     run: Path
     model_repo: Path | None = None  # default RUN/model_repo
-    checkpoint: Path | None = None  # the model directory to serve (default RUN/model; e.g. RUN/align/iter_1)
     state_dir: Path | None = None  # default RUN/stack
     host: str = "127.0.0.1"
     gateway_port: int = 8080
     redis_port: int = 6379
     triton_ports: TritonPorts = field(default_factory=TritonPorts)
     workers: int = 1
-    beam_width: int = 128
-    num_sessions: int = 16
-    precision: str = "auto"
+    beam_width: int = layout.DEFAULT_BEAM_WIDTH
+    num_sessions: int = layout.DEFAULT_NUM_SESSIONS
     timeout_s: float = 300.0  # per server, for readiness
 
     @property
@@ -99,51 +100,6 @@ class StackState:
         return {name: pid_alive(pid) for name, pid in self.pids.items()}
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child of this very process still answers kill(0): reap it if it is ours
-    with contextlib.suppress(ChildProcessError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
-    return True
-
-
-def port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def needs_export(run: RunDir, repo: Path, checkpoint: Path | None = None) -> str | None:
-    """Why the run must be exported into `repo` first (None: its latest version already is this run's model, or
-    `checkpoint`, another model directory of the run such as an IPA iteration)."""
-    model = Path(checkpoint) if checkpoint is not None else run.model
-    model_dir = repo / "onerec"
-    versions = sorted((int(p.name) for p in model_dir.glob("*")
-                       if p.name.isdigit() and (p / "manifest.json").is_file()), reverse=True)
-    if not versions or not (model_dir / "config.pbtxt").is_file():
-        return f"{repo} holds no exported version"
-    manifest = json.loads((model_dir / str(versions[0]) / "manifest.json").read_text())
-    catalog_hash = json.loads((run.catalog / "catalog.json").read_text())["content_hash"]
-    if manifest.get("catalog_hash") != catalog_hash:
-        return f"version {versions[0]} was exported from another catalog"
-    if Path(manifest.get("source_checkpoint", "")).resolve() != model.resolve():
-        return f"version {versions[0]} was exported from another model than {model}"
-    trained = (model / "model.safetensors").stat().st_mtime if checkpoint else run.read_marker("train")["finished_at"]
-    if (model_dir / str(versions[0]) / "manifest.json").stat().st_mtime < trained:
-        return f"{model} was rewritten after version {versions[0]} was exported"
-    return None
-
-
 class Stack:
     """Starts, reports and stops one local stack; `up` returns once the gateway's /readyz says ready."""
 
@@ -153,7 +109,9 @@ class Stack:
 
     # --- up ---------------------------------------------------------------------------------------------
 
-    def up(self) -> StackState:
+    def up(self, before_start: Callable[[], None] | None = None) -> StackState:
+        """Start the stack (or return the running one). `before_start` runs once the ports are known free and
+        before any server starts: `onerec up` exports the run there when the repository needs it."""
         cfg = self.cfg
         run = RunDir(cfg.run)
         run.require("train")
@@ -165,9 +123,10 @@ class Stack:
             log.warning("a previous stack in %s is partly down (%s); restarting it", cfg.state, running.alive())
             self.down()
         self._check_ports()
-        reason = needs_export(run, cfg.repo, cfg.checkpoint)
-        if reason:
-            self._export(reason)
+        if before_start is not None:
+            before_start()
+        if layout.latest_version(cfg.repo) is None:
+            raise UsageError(f"{cfg.repo}: no exported model version; run `onerec export` first")
         self.logs.mkdir(parents=True, exist_ok=True)
         started: dict[str, int] = {}
         try:
@@ -209,13 +168,6 @@ class Stack:
         if taken:
             raise UsageError(f"in use on {cfg.host}: {', '.join(taken)} (another stack? `onerec down`, or pick "
                              "other ports)")
-
-    def _export(self, reason: str) -> None:
-        from export.repository import export_run
-
-        log.info("exporting %s into %s (%s)", self.cfg.run, self.cfg.repo, reason)
-        version = export_run(self.cfg.run, self.cfg.repo, self.cfg.precision, checkpoint=self.cfg.checkpoint)
-        log.info("exported %s", version)
 
     def _start_redis(self) -> RedisServer:
         server = RedisServer(self.cfg.state / "redis", self.cfg.redis_port, self.cfg.host)
@@ -283,16 +235,6 @@ class Stack:
             raise UsageError(f"--run {self.cfg.run}: no stack running (start it with `onerec up --run {self.cfg.run}`)")
         return state
 
-    def titles(self) -> dict[int, str]:
-        """Video titles when the run was prepared from MovieLens (u.item, movies.dat or movies.csv), else {}."""
-        from onerec.data.movielens import load_titles
-
-        marker = RunDir(self.cfg.run).read_marker("prepare")
-        if marker.get("source") != "movielens" or not marker.get("path"):
-            return {}
-        source = Path(marker["path"])
-        return load_titles(source if source.is_dir() else source.parent)
-
     def status(self) -> dict:
         state = StackState.read(self.cfg.state)
         if state is None:
@@ -341,21 +283,6 @@ def describe(answer: dict, titles: dict[int, str]) -> str:
     lines.append(f"  recommended (source: {source}, model version {body['model_version']}):")
     lines += [f"    {item['rank']}. {name(item['video_id'])}" for item in body["items"]]
     return "\n".join(lines)
-
-
-def post_json(url: str, payload: dict, timeout: float = 30.0) -> tuple[int, dict]:
-    """(status, JSON body) of a POST; (0, {"error": ...}) when nothing answers."""
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(url, json.dumps(payload).encode(), {"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (the stack's own URL)
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-    except (urllib.error.URLError, OSError) as e:
-        return 0, {"error": str(e)}
 
 
 def spawn(command: list[str], log_path: Path) -> subprocess.Popen:

@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 
 from onerec.errors import UsageError
-from onerec.serving.child import ChildProcess
+from stack.child import ChildProcess
+from stack.probes import http_ok
 
 log = logging.getLogger(__name__)
 
@@ -119,26 +120,10 @@ class PrometheusServer(ChildProcess):
         """Start and return once /-/ready answers 200."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config)
-        with open(self.log_path, "ab") as out:
-            self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.process.returncode}:\n{self.log_tail()}")
-            if self._ready():
-                log.info("prometheus ready on %s (log: %s)", self.url, self.log_path)
-                return self
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"prometheus not ready after {timeout:.0f}s:\n{self.log_tail()}")
-
-    def _ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1.0) as response:  # noqa: S310 (loopback)
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        self.spawn(self.command())
+        self.wait_ready(lambda: http_ok(f"{self.url}/-/ready", timeout=1.0), timeout, poll=0.1)
+        log.info("prometheus ready on %s (log: %s)", self.url, self.log_path)
+        return self
 
     def api(self, path: str, params: dict[str, str] | None = None, timeout: float = 10.0) -> Any:
         """GET /api/v1/`path`; its `data`, or PrometheusError with Prometheus's error text."""

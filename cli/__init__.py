@@ -1,0 +1,1 @@
+"""The `onerec` command line, outside the library: parse options, call one library function, print."""

@@ -1,0 +1,5 @@
+"""`python -m cli ...` runs the `onerec` command (what the stack launches with this interpreter)."""
+
+from cli.main import app
+
+app()

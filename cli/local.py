@@ -1,0 +1,122 @@
+"""`onerec up | down | status | recommend`: the local stack of one run."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import Precision, RunOption, StateOption, user_errors
+from onerec.errors import UsageError
+from onerec.runs import RunDir
+from onerec.serving import layout
+
+app = typer.Typer()
+log = logging.getLogger("onerec")
+
+
+def export_if_needed(run_dir: Path, repo: Path, checkpoint: Path | None, precision: str) -> None:
+    """Export the run (or `checkpoint`) into `repo` unless its latest version already is that model."""
+    from export.repository import export_run, needs_export
+
+    reason = needs_export(RunDir(run_dir), repo, checkpoint)
+    if reason:
+        log.info("exporting %s into %s (%s)", run_dir, repo, reason)
+        log.info("exported %s", export_run(run_dir, repo, precision, checkpoint=checkpoint))
+
+
+
+@app.command()
+@user_errors
+def up(
+    run_dir: RunOption,
+    model_repo: Annotated[Path | None, typer.Option(
+        help="Triton model repository (default RUN/model_repo); the run is exported into it when needed.")] = None,
+    state_dir: StateOption = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Model directory to serve (default RUN/model; e.g. RUN/align/iter_1, an IPA iteration).")] = None,
+    host: Annotated[str, typer.Option(help="Address every server listens on.")] = "127.0.0.1",
+    gateway_port: Annotated[int, typer.Option(help="Gateway HTTP port.")] = 8080,
+    redis_port: Annotated[int, typer.Option(help="Redis port.")] = 6379,
+    triton_http_port: Annotated[int, typer.Option(help="Triton HTTP port.")] = 8000,
+    triton_grpc_port: Annotated[int, typer.Option(help="Triton gRPC port.")] = 8001,
+    triton_metrics_port: Annotated[int, typer.Option(help="Triton metrics port.")] = 8002,
+    workers: Annotated[int, typer.Option(help="Gateway worker processes.")] = 1,
+    beam_width: Annotated[int, typer.Option(help="Beam width the gateway asks for.")] = layout.DEFAULT_BEAM_WIDTH,
+    precision: Annotated[Precision, typer.Option(help="Export precision when the run must be exported.")] = (
+        Precision.auto),
+    timeout: Annotated[float, typer.Option(help="Seconds each server may take to become ready.")] = 300.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the stack state as JSON.")] = False,
+) -> None:
+    """Start Redis, tritonserver and the gateway for a trained run (exporting it if needed), load the users'
+    histories, and return once the gateway's /readyz is ready. The processes keep running: `onerec down` stops them."""
+    from stack.local import Stack, StackConfig
+    from stack.triton import TritonPorts
+
+    if workers < 1 or beam_width < 1:
+        raise UsageError(f"--workers and --beam-width must be >= 1, got {workers} and {beam_width}")
+    if checkpoint is not None and not (checkpoint / "model.safetensors").is_file():
+        raise UsageError(f"--checkpoint: {checkpoint} is not a model directory (no model.safetensors)")
+    cfg = StackConfig(run=run_dir, model_repo=model_repo, state_dir=state_dir, host=host, gateway_port=gateway_port,
+                      redis_port=redis_port, triton_ports=TritonPorts(triton_http_port, triton_grpc_port,
+                                                                      triton_metrics_port),
+                      workers=workers, beam_width=beam_width, timeout_s=timeout)
+    state = Stack(cfg).up(before_start=lambda: export_if_needed(run_dir, cfg.repo, checkpoint, precision.value))
+    if as_json:
+        from dataclasses import asdict
+
+        typer.echo(json.dumps(asdict(state)))
+        return
+    typer.echo(f"gateway   {state.gateway_url}   (model version {state.model_version}, repo {state.model_repo})")
+    typer.echo(f"triton    {state.triton_http_url}   metrics {state.triton_metrics_url}")
+    typer.echo(f"redis     {state.redis_url}")
+    typer.echo(f"logs      {Path(state.logs['gateway']).parent}")
+    typer.echo(f"stop it with: onerec down --run {run_dir}")
+
+
+@app.command()
+@user_errors
+def down(run_dir: RunOption, state_dir: StateOption = None) -> None:
+    """Stop the stack `onerec up` started for RUN (gateway, then Triton, then Redis); prints what it stopped."""
+    from stack.local import Stack, StackConfig
+
+    stopped = Stack(StackConfig(run=run_dir, state_dir=state_dir)).down()
+    typer.echo(json.dumps(stopped) if stopped else "nothing running")
+
+
+@app.command()
+@user_errors
+def status(run_dir: RunOption, state_dir: StateOption = None) -> None:
+    """The stack of RUN as JSON: URLs, pids, which processes are alive, and the gateway's /readyz."""
+    from stack.local import Stack, StackConfig
+
+    typer.echo(json.dumps(Stack(StackConfig(run=run_dir, state_dir=state_dir)).status()))
+
+
+@app.command()
+@user_errors
+def recommend(
+    run_dir: RunOption,
+    user: Annotated[list[str] | None, typer.Option(help="User id (repeatable; default: a few loaded users).")] = None,
+    count: Annotated[int, typer.Option(help="Users to ask for when no --user is given.")] = 3,
+    state_dir: StateOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON line per answer.")] = False,
+) -> None:
+    """Ask the running stack for recommendations and print them with titles (MovieLens u.item when the run has it)."""
+    from stack.local import Stack, StackConfig, ask_gateway, describe
+
+    stack = Stack(StackConfig(run=run_dir, state_dir=state_dir))
+    answers = ask_gateway(stack.running(), user or [], count)
+    titles = {} if as_json else run_titles(run_dir)
+    for answer in answers:
+        typer.echo(json.dumps(answer) if as_json else describe(answer, titles))
+
+
+def run_titles(run_dir: Path) -> dict[int, str]:
+    """Video titles of the run's source (MovieLens u.item), {} when it has none."""
+    from onerec.data.sources import item_titles
+
+    return item_titles(RunDir(run_dir).read_marker("prepare"))

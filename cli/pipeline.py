@@ -1,0 +1,172 @@
+"""`onerec prepare | tokenize | train | evaluate | train-reward | align`: each parses options, runs one stage."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import ReuseOption, RunOption, progress, user_errors
+from onerec import stages
+from onerec.data.sources import SourceOptions, source_names
+from onerec.runs import RunDir
+
+app = typer.Typer()
+SourceName = Enum("SourceName", {name: name for name in source_names()}, type=str)  # `--source`: the registry's
+
+
+# --- prepare ----------------------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def prepare(
+    out: Annotated[Path, typer.Option("--out", help="Run directory to create.")],
+    source: Annotated[SourceName, typer.Option(help="Where interactions come from.")] = SourceName(source_names()[0]),
+    path: Annotated[Path | None, typer.Option(help="MovieLens directory or ratings file.")] = None,
+    preset: Annotated[str, typer.Option(help="Preset whose data settings to use (tiny, small, paper).")] = "small",
+    users: Annotated[int, typer.Option(help="Synthetic: number of users.")] = 2000,
+    items: Annotated[int, typer.Option(help="Synthetic: number of items.")] = 5000,
+    seed: Annotated[int, typer.Option(help="Synthetic: random seed.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing run directory.")] = False,
+    reuse: ReuseOption = False,
+) -> None:
+    """Read interactions, build sessions (history <= 256 positives, target = next 5) and the time split."""
+    options = SourceOptions(path=path, users=users, items=items, seed=seed)
+    stages.prepare(RunDir(out), source.value, options, preset=preset, force=force, reuse=reuse)
+
+
+# --- tokenize ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def tokenize(
+    run_dir: RunOption,
+    preset: Annotated[str, typer.Option(help="Preset whose tokenizer settings are the defaults.")] = "small",
+    codes: Annotated[int | None, typer.Option(help="K codes per level (default: the preset's).")] = None,
+    levels: Annotated[int | None, typer.Option(help="L levels (default: the preset's).")] = None,
+    iters: Annotated[int | None, typer.Option(help="k-means iterations per level.")] = None,
+    embeddings: Annotated[Path | None, typer.Option(help="External item embeddings (.npy, N x d).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    reuse: ReuseOption = False,
+) -> None:
+    """Embed items (PPMI-SVD by default), balanced residual k-means -> SIDs, and write the catalog."""
+    stages.tokenize(RunDir(run_dir), preset, codes=codes, levels=levels, iters=iters, device=device,
+                    embeddings=embeddings, reuse=reuse)
+
+
+# --- train ------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def train(
+    run_dir: RunOption,
+    preset: Annotated[str, typer.Option(help="Model and training preset: tiny, small or paper.")] = "small",
+    epochs: Annotated[int | None, typer.Option(help="Override the preset's epochs.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Override the preset's learning rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Override the preset's batch size.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the preset's seed.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from checkpoints/last.")] = False,
+    reuse: ReuseOption = False,
+) -> None:
+    """Next-token training on the train sessions; keeps the best model by validation loss in RUN/model."""
+    stages.train(RunDir(run_dir), preset, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
+                 resume=resume, reuse=reuse, progress=progress())
+
+
+# --- evaluate ---------------------------------------------------------------------------------------------
+
+
+class Split(str, Enum):
+    test = "test"
+    val = "val"
+
+
+@app.command()
+@user_errors
+def evaluate(
+    run_dir: RunOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    split: Annotated[Split, typer.Option(help="Held-out split to score.")] = Split.test,
+    checkpoint: Annotated[Path | None, typer.Option(help="Model directory (default RUN/model).")] = None,
+    beam_width: Annotated[int | None, typer.Option(help="Beam width (default: the trained preset's).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Score only the first N users.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    no_reward: Annotated[bool, typer.Option("--no-reward", help="Skip the reward model's scores.")] = False,
+) -> None:
+    """Recall@5 / NDCG@5 of generated sessions vs the held-out targets, beside a most-popular baseline; with a
+    reward model (`onerec train-reward`), also its mean and max swt/vtr/wtr/ltr over the generated sessions."""
+    scored = stages.evaluate(RunDir(run_dir), split.value, checkpoint=checkpoint, beam_width=beam_width, limit=limit,
+                             device=device, reward=not no_reward, progress=progress())
+    result = scored.result
+    if as_json:
+        typer.echo(json.dumps(result.as_json()))
+        return
+    typer.echo(f"{scored.split} users: {result.users}   beam width: {scored.beam_width}   ({result.seconds:.0f}s)")
+    typer.echo(f"{'':10}{'recall@5':>10}{'ndcg@5':>10}")
+    typer.echo(f"{'model':10}{result.model_recall:>10.4f}{result.model_ndcg:>10.4f}")
+    typer.echo(f"{'popular':10}{result.popular_recall:>10.4f}{result.popular_ndcg:>10.4f}")
+    typer.echo(f"valid SID rate: {result.valid_sid_rate:.4f}")
+    if result.reward is not None:
+        typer.echo("reward over generated sessions (mean / max per user, averaged): " + "  ".join(
+            f"{t} {v['mean']:.4f}/{v['max']:.4f}" for t, v in result.reward.items()))
+
+
+# --- train-reward -----------------------------------------------------------------------------------------
+
+
+@app.command("train-reward")
+@user_errors
+def train_reward(
+    run_dir: RunOption,
+    preset: Annotated[str, typer.Option(help="Reward model preset: tiny or small.")] = "small",
+    epochs: Annotated[int | None, typer.Option(help="Override the preset's epochs.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the preset's seed.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    reuse: ReuseOption = False,
+) -> None:
+    """Train the reward model (swt, vtr, wtr, ltr towers) on logged sessions; prints a JSON summary."""
+    done = stages.train_reward(RunDir(run_dir), preset, epochs=epochs, seed=seed, device=device, reuse=reuse,
+                               progress=progress())
+    if not done.reused:
+        typer.echo(json.dumps(stages.reward_summary(done.marker)))
+
+
+# --- align ------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def align(
+    run_dir: RunOption,
+    iterations: Annotated[int, typer.Option(help="IPA iterations T; model t starts from model t-1.")] = 1,
+    dpo_ratio: Annotated[float, typer.Option(help="r_DPO: share of training sessions given self-generated pairs.")
+                         ] = 0.01,
+    responses: Annotated[int, typer.Option(help="N sessions beam-searched per sampled user.")] = 128,
+    loss: Annotated[str, typer.Option(help="Preference loss: dpo, ipo, cdpo or simpo.")] = "dpo",
+    beta: Annotated[float, typer.Option(help="β of the preference loss.")] = 0.1,
+    lam: Annotated[float, typer.Option("--lambda", help="λ: weight of the preference loss beside NTP.")] = 1.0,
+    label_smoothing: Annotated[float, typer.Option(help="cDPO's ε.")] = 0.0,
+    target: Annotated[str, typer.Option(help="Reward tower that picks chosen/rejected: swt, vtr, wtr or ltr.")
+                      ] = "swt",
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-5,
+    batch_size: Annotated[int, typer.Option(help="NTP sessions per step.")] = 64,
+    seed: Annotated[int, typer.Option(help="Random seed (user sampling, batches, dropout).")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="Where iterations go (default RUN/align).")] = None,
+) -> None:
+    """Iterative Preference Alignment (paper Algorithm 2) from RUN/model with the run's reward model; iteration t
+    is saved to RUN/align/iter_t/ (evaluate or export it with --checkpoint). Prints one JSON line per iteration."""
+    from onerec.align.ipa import AlignConfig
+
+    cfg = AlignConfig(iterations=iterations, dpo_ratio=dpo_ratio, responses=responses, loss=loss, beta=beta,
+                      lam=lam, label_smoothing=label_smoothing, target=target, lr=lr, batch_size=batch_size,
+                      seed=seed)
+    stages.align(RunDir(run_dir), cfg, device=device, out=out, progress=progress(),
+                 on_iteration=lambda record: typer.echo(json.dumps(record)))

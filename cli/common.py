@@ -15,6 +15,16 @@ from onerec.errors import UsageError
 
 RunOption = Annotated[Path, typer.Option("--run", help="Run directory written by `onerec prepare`.")]
 ReuseOption = Annotated[bool, typer.Option("--reuse", help="Do nothing if this stage already completed.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+LimitOption = Annotated[int | None, typer.Option(help="Score only the first N users.")]
+
+
+class Split(str, Enum):
+    test = "test"
+    val = "val"
+
+
+SplitOption = Annotated[Split, typer.Option(help="Held-out split to score.")]
 StateOption = Annotated[Path | None, typer.Option(help="Where the stack keeps pids, logs, data (default RUN/stack).")]
 
 

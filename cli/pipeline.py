@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import ReuseOption, RunOption, progress, user_errors
+from cli.common import JsonOption, LimitOption, ReuseOption, RunOption, Split, SplitOption, progress, user_errors
 from onerec import stages
 from onerec.data.sources import SourceOptions, source_names
 from onerec.runs import RunDir
@@ -83,20 +83,15 @@ def train(
 # --- evaluate ---------------------------------------------------------------------------------------------
 
 
-class Split(str, Enum):
-    test = "test"
-    val = "val"
-
-
 @app.command()
 @user_errors
 def evaluate(
     run_dir: RunOption,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
-    split: Annotated[Split, typer.Option(help="Held-out split to score.")] = Split.test,
+    as_json: JsonOption = False,
+    split: SplitOption = Split.test,
     checkpoint: Annotated[Path | None, typer.Option(help="Model directory (default RUN/model).")] = None,
     beam_width: Annotated[int | None, typer.Option(help="Beam width (default: the trained preset's).")] = None,
-    limit: Annotated[int | None, typer.Option(help="Score only the first N users.")] = None,
+    limit: LimitOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     no_reward: Annotated[bool, typer.Option("--no-reward", help="Skip the reward model's scores.")] = False,
 ) -> None:

@@ -33,6 +33,7 @@ class TokenizerConfig:
     embedding_dim: int = 64  # collaborative (PPMI-SVD) item embedding size
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda"
+    unique: bool = False  # collision-free last level (onerec.tokenizer.unique): every item reachable
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,20 @@ def ndcg_at_k(recommended: Sequence[int], target: Sequence[int], k: int = 5) -> 
     return dcg / ideal if ideal else 0.0
 
 
+def score_recommendations(recommended: Sequence[Sequence[int]] | np.ndarray,
+                          targets: Sequence[Sequence[int]] | np.ndarray, k: int = 5) -> tuple[float, float]:
+    """Mean Recall@k and NDCG@k over U users: row u of `recommended` (U, >=k) video ids vs targets[u] (U, m).
+
+    The one metric code: `evaluate` scores the model and most-popular with it, `onerec.baselines` the rest."""
+    if len(recommended) != len(targets):
+        raise ValueError(f"score_recommendations: {len(recommended)} recommendation rows for {len(targets)} targets")
+    recs = [list(r) for r in (recommended.tolist() if isinstance(recommended, np.ndarray) else recommended)]
+    tgts = [list(t) for t in (targets.tolist() if isinstance(targets, np.ndarray) else targets)]
+    recalls = [recall_at_k(r, t, k) for r, t in zip(recs, tgts, strict=True)]
+    ndcgs = [ndcg_at_k(r, t, k) for r, t in zip(recs, tgts, strict=True)]
+    return float(np.mean(recalls)), float(np.mean(ndcgs))
+
+
 # (histories: b arrays (n_i, L) of SIDs, sessions (b, R, m, L) SIDs with -1 rows for missing) -> (b, R, T) scores
 SessionScorer = Callable[[list[np.ndarray], np.ndarray], np.ndarray]
 REWARD_TARGETS = ("swt", "vtr", "wtr", "ltr")
@@ -114,7 +128,9 @@ def evaluate(
     rows = rows[:limit] if limit else rows
     if not rows:
         raise ValueError("no evaluable users: no held-out session has a history item known to the catalog")
-    recalls, ndcgs, pop_recalls, pop_ndcgs = [], [], [], []
+    model_lists: list[list[int]] = []
+    popular_lists: list[list[int]] = []
+    targets: list[list[int]] = []
     generated, valid = 0, 0
     reward_means: list[np.ndarray] = []
     reward_maxes: list[np.ndarray] = []
@@ -136,21 +152,19 @@ def evaluate(
             reward_means += means
             reward_maxes += maxes
         for row, hist, session_leaves in zip(chunk, histories_video, leaves, strict=True):
-            target = sessions.targets[row].tolist()
             banned = hist.tolist() if beam.exclude_history else []
-            recommended = sessions_to_videos(catalog, session_leaves, exclude=banned, k=k).video_ids
-            popular = catalog.most_popular(k, exclude=banned).tolist()
-            recalls.append(recall_at_k(recommended, target, k))
-            ndcgs.append(ndcg_at_k(recommended, target, k))
-            pop_recalls.append(recall_at_k(popular, target, k))
-            pop_ndcgs.append(ndcg_at_k(popular, target, k))
+            model_lists.append(list(sessions_to_videos(catalog, session_leaves, exclude=banned, k=k).video_ids))
+            popular_lists.append(catalog.most_popular(k, exclude=banned).tolist())
+            targets.append(sessions.targets[row].tolist())
         bar.update(len(chunk))
     bar.close()
+    model_recall, model_ndcg = score_recommendations(model_lists, targets, k)
+    popular_recall, popular_ndcg = score_recommendations(popular_lists, targets, k)
     return EvalResult(
-        model_recall=float(np.mean(recalls)),
-        model_ndcg=float(np.mean(ndcgs)),
-        popular_recall=float(np.mean(pop_recalls)),
-        popular_ndcg=float(np.mean(pop_ndcgs)),
+        model_recall=model_recall,
+        model_ndcg=model_ndcg,
+        popular_recall=popular_recall,
+        popular_ndcg=popular_ndcg,
         valid_sid_rate=valid / generated if generated else 0.0,
         users=len(rows),
         seconds=time.time() - started,

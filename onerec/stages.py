@@ -333,3 +333,41 @@ def align(run: RunDir, cfg: AlignConfig, device: str = "auto", out: Path | None 
 
     run_align(model, catalog, train_data, scorer, cfg, out, dev, progress=progress, on_iteration=record)
     return history
+
+
+# --- baselines --------------------------------------------------------------------------------------------
+
+
+def baselines(run: RunDir, split: str = "test", only: list[str] | None = None, limit: int | None = None,
+              device: str = "auto", sasrec_epochs: int | None = None, progress: bool = False) -> dict[str, dict]:
+    """Most popular, item-kNN, EASE and SASRec+ trained on the run's training positives and scored on the held-out
+    `split` exactly as `evaluate` scores the model (same users, history excluded, full catalogue, same metric code):
+    {"popular": {"recall@5", "ndcg@5", "recall@10", "ndcg@10", "seconds"}, ...}. SASRec stops early on the
+    validation split. Writes RUN/baselines.json; needs only `prepare`. `only` picks some of the four."""
+    from onerec.baselines.protocol import held_out, train_matrix
+    from onerec.baselines.sasrec import SASRecConfig
+    from onerec.baselines.suite import BaselinesConfig, check_names, run_baselines
+    from onerec.data.interactions import Interactions
+    from onerec.data.sessions import Sessions
+    from onerec.device import resolve_device
+
+    run.require("prepare")
+    if split not in ("test", "val"):
+        raise UsageError(f"--split: must be test or val, got {split!r}")
+    try:
+        names = check_names(only)
+    except ValueError as exc:
+        raise UsageError(f"--only: {exc}") from None
+    if sasrec_epochs is not None and sasrec_epochs < 1:
+        raise UsageError(f"--sasrec-epochs: must be >= 1, got {sasrec_epochs}")
+    dev = resolve_device(device)
+    sasrec_cfg = _override(SASRecConfig(device=str(dev)), max_epochs=sasrec_epochs)
+    data = train_matrix(Interactions.load(run.interactions), Interactions.load(run.train_interactions))
+    try:
+        users = held_out(Sessions.load(run.sessions(split)), data, limit=limit)
+        val = held_out(Sessions.load(run.sessions("val")), data)
+    except ValueError as exc:
+        raise UsageError(f"--run: {run.root}: {exc}") from None
+    results = run_baselines(data, users, val, BaselinesConfig(sasrec=sasrec_cfg), only=names, progress=progress)
+    save_json(run.root / "baselines.json", {"split": split, "users": len(users), **results})
+    return results

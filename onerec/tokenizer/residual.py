@@ -14,6 +14,7 @@ from onerec.config import TokenizerConfig
 from onerec.device import resolve_device
 from onerec.errors import UsageError
 from onerec.tokenizer.kmeans import balanced_kmeans, check_k
+from onerec.tokenizer.unique import cap_groups, distinct_last_codes
 
 # Shapes legend: N items, K codes per level, L levels, d embedding dim, U unique SIDs.
 
@@ -53,10 +54,24 @@ def level_report(level: int, assign: torch.Tensor, residual: torch.Tensor, k: in
 
 
 def collision_stats(sids: np.ndarray) -> dict[str, Any]:
-    """num_unique_sids and collision_rate: the fraction of items whose full SID another item shares."""
+    """num_unique_sids, collision_rate (the fraction of items whose full SID another item shares) and coverage
+    (the fraction of items some SID leads to: unique SIDs / items)."""
     _, inverse, counts = np.unique(sids, axis=0, return_inverse=True, return_counts=True)
     shared = counts[inverse.reshape(-1)] > 1  # (N,)
-    return {"num_unique_sids": int(counts.shape[0]), "collision_rate": float(shared.mean())}
+    # coverage: the inverted index serves one video per SID, so only that many items can ever be recommended
+    return {"num_unique_sids": int(counts.shape[0]), "collision_rate": float(shared.mean()),
+            "coverage": float(counts.shape[0] / sids.shape[0])}
+
+
+def _make_room(codes: list[np.ndarray], level: int, levels: int, assign: torch.Tensor, residual: torch.Tensor,
+               centroids: torch.Tensor, k: int) -> torch.Tensor:
+    """With `unique`: at level L-2 no prefix group may exceed K items, at level L-1 codes are distinct per prefix."""
+    if level < levels - 2:
+        return assign
+    prefix = np.stack(codes, axis=1) if codes else np.zeros((assign.shape[0], 0), dtype=np.int32)  # (N, level)
+    args = (prefix, assign.cpu().numpy(), residual.cpu().numpy(), centroids.cpu().numpy())
+    fixed = cap_groups(*args, cap=k) if level == levels - 2 else distinct_last_codes(*args)
+    return torch.from_numpy(np.asarray(fixed, dtype=np.int64)).to(assign.device)
 
 
 def residual_quantize(x: np.ndarray, cfg: TokenizerConfig) -> QuantizeResult:
@@ -64,12 +79,15 @@ def residual_quantize(x: np.ndarray, cfg: TokenizerConfig) -> QuantizeResult:
 
     report = {"num_items", "num_codes", "input_mse" (mean squared norm of x), "levels": [per level
     {"level", "utilisation", "min_cluster", "max_cluster", "reconstruction_mse", "seconds"}],
-    "num_unique_sids", "collision_rate"}."""
+    "num_unique_sids", "collision_rate", "coverage"}. With `cfg.unique` the last level is made collision-free
+    (`onerec.tokenizer.unique`), so coverage is 1.0."""
     arr = _check_embeddings(x)
     n, k = arr.shape[0], cfg.codes
     check_k(k, n)
     if cfg.levels < 1:
         raise UsageError(f"--levels: must be at least 1, got {cfg.levels}")
+    if cfg.unique and n > k**cfg.levels:
+        raise UsageError(f"--codes: {n} items need unique SIDs but K^L = {k}^{cfg.levels} = {k**cfg.levels}")
     device = resolve_device(cfg.device)
     residual = torch.from_numpy(arr).to(device)  # (N, d)
     input_mse = float((residual.double() ** 2).sum(1).mean())
@@ -77,6 +95,8 @@ def residual_quantize(x: np.ndarray, cfg: TokenizerConfig) -> QuantizeResult:
     for level in range(cfg.levels):
         start = time.perf_counter()
         centroids, assign = balanced_kmeans(residual, k, cfg.iters, cfg.seed + level, device=device)
+        if cfg.unique:
+            assign = _make_room(codes, level, cfg.levels, assign, residual, centroids, k)
         residual = residual - centroids[assign]
         levels.append(level_report(level, assign, residual, k, time.perf_counter() - start))
         log.info("level %d: %s", level, levels[-1])

@@ -50,7 +50,7 @@ def test_reconstruction_mse_matches_codebooks() -> None:
 
 def test_collision_stats_hand_worked() -> None:
     sids = np.array([[0, 1], [2, 2], [0, 1], [1, 0], [2, 2], [0, 1]])
-    assert collision_stats(sids) == {"num_unique_sids": 3, "collision_rate": 5 / 6}
+    assert collision_stats(sids) == {"num_unique_sids": 3, "collision_rate": 5 / 6, "coverage": 3 / 6}
     assert residual_quantize(clustered(8, 2), TokenizerConfig(levels=1, codes=8, iters=2)).report[
         "collision_rate"
     ] == 0.0

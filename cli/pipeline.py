@@ -26,7 +26,8 @@ SourceName = Enum("SourceName", {name: name for name in source_names()}, type=st
 def prepare(
     out: Annotated[Path, typer.Option("--out", help="Run directory to create.")],
     source: Annotated[SourceName, typer.Option(help="Where interactions come from.")] = SourceName(source_names()[0]),
-    path: Annotated[Path | None, typer.Option(help="MovieLens directory or ratings file.")] = None,
+    path: Annotated[Path | None, typer.Option(
+        help="MovieLens directory or ratings file; sequences: the `user item item ...` file.")] = None,
     preset: Annotated[str, typer.Option(help="Preset whose data settings to use (tiny, small, paper).")] = "small",
     users: Annotated[int, typer.Option(help="Synthetic: number of users.")] = 2000,
     items: Annotated[int, typer.Option(help="Synthetic: number of items.")] = 5000,
@@ -95,7 +96,7 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     no_reward: Annotated[bool, typer.Option("--no-reward", help="Skip the reward model's scores.")] = False,
 ) -> None:
-    """Recall@5 / NDCG@5 of generated sessions vs the held-out targets, beside a most-popular baseline; with a
+    """Recall / NDCG at 5 and 10 of generated sessions vs the held-out targets, beside a most-popular baseline; with a
     reward model (`onerec train-reward`), also its mean and max swt/vtr/wtr/ltr over the generated sessions."""
     scored = stages.evaluate(RunDir(run_dir), split.value, checkpoint=checkpoint, beam_width=beam_width, limit=limit,
                              device=device, reward=not no_reward, progress=progress())
@@ -104,9 +105,11 @@ def evaluate(
         typer.echo(json.dumps(result.as_json()))
         return
     typer.echo(f"{scored.split} users: {result.users}   beam width: {scored.beam_width}   ({result.seconds:.0f}s)")
-    typer.echo(f"{'':10}{'recall@5':>10}{'ndcg@5':>10}")
-    typer.echo(f"{'model':10}{result.model_recall:>10.4f}{result.model_ndcg:>10.4f}")
-    typer.echo(f"{'popular':10}{result.popular_recall:>10.4f}{result.popular_ndcg:>10.4f}")
+    table = result.as_json()
+    keys = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
+    typer.echo(f"{'':10}" + "".join(f"{key:>11}" for key in keys) + f"   ({result.protocol} protocol)")
+    for side in ("model", "popular"):
+        typer.echo(f"{side:10}" + "".join(f"{table[side][key]:>11.4f}" for key in keys))
     typer.echo(f"valid SID rate: {result.valid_sid_rate:.4f}")
     if result.reward is not None:
         typer.echo("reward over generated sessions (mean / max per user, averaged): " + "  ".join(

@@ -21,6 +21,9 @@ class DataConfig:
     min_history: int = 1  # a target needs at least this many positives before it
     positive_rating: float = 4.0  # MovieLens: rating >= this is a positive interaction
     train_stride: int = 5  # step between consecutive training targets (5 = non-overlapping)
+    # "session": test/val targets are each user's last two m-item sessions (the paper's task, MovieLens);
+    # "leave_one_out": the last item is the test target, the one before validation (the public sequence tables)
+    protocol: str = "session"
 
 
 @dataclass(frozen=True)

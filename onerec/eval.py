@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -56,9 +57,13 @@ SessionScorer = Callable[[list[np.ndarray], np.ndarray], np.ndarray]
 REWARD_TARGETS = ("swt", "vtr", "wtr", "ltr")
 
 
+PROTOCOLS = ("session", "leave_one_out")
+CUTOFFS = (5, 10)  # every metric is reported at 5 and 10
+
+
 @dataclass(frozen=True)
 class EvalResult:
-    model_recall: float
+    model_recall: float  # @5
     model_ndcg: float
     popular_recall: float
     popular_ndcg: float
@@ -66,14 +71,18 @@ class EvalResult:
     users: int
     seconds: float
     reward: dict[str, dict[str, float]] | None = field(default=None)  # target -> {"mean", "max"}
+    at10: dict[str, dict[str, float]] = field(default_factory=dict)  # "model" | "popular" -> recall@10, ndcg@10
+    protocol: str = "session"
 
     def as_json(self) -> dict:
-        """The CLI's `--json` object."""
+        """The CLI's `--json` object: per model the same metric keys as `onerec baselines --json`."""
         payload = {
-            "model": {"recall@5": self.model_recall, "ndcg@5": self.model_ndcg},
-            "popular": {"recall@5": self.popular_recall, "ndcg@5": self.popular_ndcg},
+            "model": {"recall@5": self.model_recall, "ndcg@5": self.model_ndcg, **self.at10.get("model", {})},
+            "popular": {"recall@5": self.popular_recall, "ndcg@5": self.popular_ndcg,
+                        **self.at10.get("popular", {})},
             "valid_sid_rate": self.valid_sid_rate,
             "users": self.users,
+            "protocol": self.protocol,
         }
         if self.reward is not None:
             payload["reward"] = self.reward
@@ -113,15 +122,26 @@ def evaluate(
     device: str | torch.device = "cpu",
     progress: bool = True,
     scorer: SessionScorer | None = None,
+    protocol: str = "session",
 ) -> EvalResult:
-    """Generate a session per held-out user and score it and the most-popular baseline on the same users.
+    """Generate a session per held-out user and score it and the most-popular baseline on the same users, at
+    `k` and at 10.
 
     Both exclude the user's history when `beam.exclude_history` (MovieLens users rate a movie once, so the
     history can never be a hit). The model's answer is exactly what the gateway serves: the best session
     mapped through the inverted index, backfilled from later sessions and then from popularity. With a
     `scorer` (the reward model), every generated session is scored too: `reward` holds, per target, the users'
     mean and max over their sessions, averaged over users (the paper's IPA table).
+
+    The model's top 10: under the session protocol, the served answer continued the same way (the best session,
+    then the later sessions' new items); under `leave_one_out` (one target item), beam search over the first item
+    of the session only, the ten best distinct first items in score order (TIGER's ranked list); the valid-SID
+    rate then counts those items, and the reward (a session-level score) is not computed.
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"evaluate: unknown protocol {protocol!r}; use {' or '.join(PROTOCOLS)}")
+    top = max(k, *CUTOFFS)
+    ranked = dataclasses.replace(beam, beam_width=max(beam.beam_width, top), num_sessions=top)
     model.eval()
     started = time.time()
     rows = [i for i in range(len(sessions)) if (catalog.rows_of(sessions.history_of(i)) >= 0).any()]
@@ -140,26 +160,31 @@ def evaluate(
         histories_video = [sessions.history_of(i) for i in chunk]
         histories = [catalog.known_sids(h) for h in histories_video]
         exclude = [catalog.leaves_of(h) for h in histories_video]
-        result = generate(model, catalog.trie, histories, beam, exclude=[e[e >= 0] for e in exclude],
-                          device=device)
-        best = result.sessions[:, 0].cpu().numpy()  # (b, m, L)
+        allowed = [e[e >= 0] for e in exclude]
+        if protocol == "leave_one_out":  # one target: the best first items, as a ranked list
+            result = generate(model, catalog.trie, histories, ranked, exclude=allowed, device=device, session_len=1)
+        else:
+            result = generate(model, catalog.trie, histories, beam, exclude=allowed, device=device)
+        best = result.sessions[:, 0].cpu().numpy()  # (b, m, L), m = 1 under leave_one_out
         found = best[:, :, 0] >= 0
         generated += int(found.sum())
         valid += int((catalog.trie.leaf_of(best[found]) >= 0).sum())
         leaves = result.leaves.cpu().numpy()  # (b, R, m)
-        if scorer is not None:
+        if scorer is not None and protocol == "session":
             means, maxes = session_rewards(scorer, histories, result.sessions.cpu().numpy())
             reward_means += means
             reward_maxes += maxes
         for row, hist, session_leaves in zip(chunk, histories_video, leaves, strict=True):
             banned = hist.tolist() if beam.exclude_history else []
-            model_lists.append(list(sessions_to_videos(catalog, session_leaves, exclude=banned, k=k).video_ids))
-            popular_lists.append(catalog.most_popular(k, exclude=banned).tolist())
-            targets.append(sessions.targets[row].tolist())
+            model_lists.append(list(sessions_to_videos(catalog, session_leaves, exclude=banned, k=top).video_ids))
+            popular_lists.append(catalog.most_popular(top, exclude=banned).tolist())
+            targets.append([int(v) for v in sessions.targets[row] if v >= 0])
         bar.update(len(chunk))
     bar.close()
     model_recall, model_ndcg = score_recommendations(model_lists, targets, k)
     popular_recall, popular_ndcg = score_recommendations(popular_lists, targets, k)
+    at10 = {name: dict(zip(("recall@10", "ndcg@10"), score_recommendations(lists, targets, 10), strict=True))
+            for name, lists in (("model", model_lists), ("popular", popular_lists))}
     return EvalResult(
         model_recall=model_recall,
         model_ndcg=model_ndcg,
@@ -169,6 +194,8 @@ def evaluate(
         users=len(rows),
         seconds=time.time() - started,
         reward=reward_summary(reward_means, reward_maxes) if scorer is not None and reward_means else None,
+        at10=at10,
+        protocol=protocol,
     )
 
 

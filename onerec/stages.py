@@ -77,8 +77,8 @@ def prepare(run: RunDir, source: str = "movielens", options: SourceOptions | Non
         return _reused(run, "prepare", out)
     if out.exists() and not force:
         raise UsageError(f"--out: {out} already exists; pass --force to replace it or --reuse to keep it")
-    data_cfg = get_preset(preset).data
     reader = get_source(source)
+    data_cfg = reader.data_config(get_preset(preset).data)
     interactions = reader.load(options)
     origin = reader.origin(options)
     split = build_sessions(interactions, data_cfg)
@@ -238,8 +238,9 @@ def evaluate(run: RunDir, split: str = "test", checkpoint: Path | None = None, b
         from onerec.reward.train import load_reward, session_scorer
 
         scorer = session_scorer(load_reward(run.root, device=dev))
+    protocol = run.read_marker("prepare")["data"].get("protocol", "session")
     result = run_eval(model, catalog, Sessions.load(run.sessions(split)), beam, limit=limit, device=dev,
-                      progress=progress, scorer=scorer)
+                      progress=progress, scorer=scorer, protocol=protocol)
     save_json(run.eval, {**result.as_json(), "split": split, "beam_width": beam.beam_width,
                          "checkpoint": str(checkpoint), "seconds": round(result.seconds, 1)})
     return Evaluation(result=result, split=split, beam_width=beam.beam_width, checkpoint=checkpoint)

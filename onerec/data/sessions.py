@@ -24,7 +24,7 @@ class Sessions:
     users: np.ndarray  # (S,) int64
     history: np.ndarray  # (H,) int64 video ids, each session's history most recent first, concatenated
     history_offsets: np.ndarray  # (S+1,) int64; session i's history = history[offsets[i]:offsets[i+1]]
-    targets: np.ndarray  # (S, m) int64 video ids, chronological
+    targets: np.ndarray  # (S, m) int64 video ids, chronological; -1 pads a shorter target at its end
 
     def __post_init__(self) -> None:
         users = np.asarray(self.users, dtype=np.int64)
@@ -99,8 +99,13 @@ class _Grouped:
     counts: np.ndarray  # (G,) int64 n, each user's number of positives
 
 
+PROTOCOLS = ("session", "leave_one_out")
+
+
 def _check(cfg: DataConfig) -> None:
     """UsageError naming the first DataConfig option that cannot work."""
+    if cfg.protocol not in PROTOCOLS:
+        raise UsageError(f"data.protocol: unknown protocol {cfg.protocol!r}; use {' or '.join(PROTOCOLS)}")
     for name in ("session_len", "train_stride"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"data.{name}: must be >= 1, got {getattr(cfg, name)}")
@@ -167,7 +172,7 @@ def _held_out_mask(g: _Grouped, groups: tuple[np.ndarray, ...], local_starts: tu
 
 
 def build_sessions(interactions: Interactions, cfg: DataConfig) -> SessionSplit:
-    """Split every user's positives into train/val/test sessions (DataConfig rules).
+    """Split every user's positives into train/val/test sessions by `cfg.protocol` (DataConfig rules).
 
     With a user's positives p[0..n-1] sorted by (timestamp, video id): test target p[n-m:n], validation
     target p[n-2m:n-m], training targets p[s:s+m] for s = n-3m, n-3m-stride, ... >= min_history. Each
@@ -176,6 +181,8 @@ def build_sessions(interactions: Interactions, cfg: DataConfig) -> SessionSplit:
     chronologically. `train_interactions` holds the positives outside every val/test target.
     """
     _check(cfg)
+    if cfg.protocol == "leave_one_out":
+        return build_leave_one_out(interactions, cfg)
     m, lo = cfg.session_len, cfg.min_history
     g = group_positives(interactions, cfg.positive_rating)
     test_at = _last_target(g, 1, m, lo)
@@ -194,6 +201,45 @@ def build_sessions(interactions: Interactions, cfg: DataConfig) -> SessionSplit:
         len(interactions), len(g.positives), len(g.user_ids), len(split.test),
         len(split.train), len(split.val), len(split.test), len(split.train_interactions),
     )
+    return split
+
+
+def _padded_windows(g: _Grouped, group: np.ndarray, local_start: np.ndarray, m: int, end: np.ndarray,
+                    max_history: int) -> Sessions:
+    """Sessions whose target i holds user group[i]'s positives from local_start[i] on, at most m of them and only
+    those before its local position end[group[i]]; -1 fills the rest of the row."""
+    start = g.starts[group] + local_start  # (S,) index into g.positives
+    position = local_start[:, None] + np.arange(m, dtype=np.int64)  # (S, m) local positions of the target
+    inside = position < end[group][:, None]
+    items = g.positives.items[np.minimum(start[:, None] + np.arange(m, dtype=np.int64), len(g.positives) - 1)]
+    lengths = np.minimum(local_start, max_history)  # (S,)
+    offsets = np.zeros(len(start) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    history = g.positives.items[np.repeat(start - 1, lengths) - _ragged_arange(lengths)]  # (H,) most recent first
+    return Sessions(g.user_ids[group], history, offsets, np.where(inside, items, -1).reshape(len(start), m))
+
+
+def build_leave_one_out(interactions: Interactions, cfg: DataConfig) -> SessionSplit:
+    """The public sequence protocol: with a user's positives p[0..n-1] in time order, the test target is p[n-1],
+    the validation target p[n-2] (one item each), and training targets start at every s = min_history,
+    min_history + stride, ... < n-2: up to m items p[s:s+m] that stop before p[n-2] (-1 pads the rest), so the
+    session model still learns to generate sessions. Histories are the <= history_len positives before the
+    target, most recent first; `train_interactions` = p[0..n-3] of every user. Users need >= 3 positives."""
+    m, lo = cfg.session_len, max(cfg.min_history, 1)
+    g = group_positives(interactions, cfg.positive_rating)
+    held = g.counts >= lo + 2  # (G,) users with a test and a validation target that have a history
+    users = np.flatnonzero(held)
+    test = _make_sessions(g, users, g.counts[users] - 1, 1, cfg.history_len)
+    val = _make_sessions(g, users, g.counts[users] - 2, 1, cfg.history_len)
+    train_end = np.where(held, g.counts - 2, g.counts)  # (G,) a user too short to hold out trains on everything
+    per_user = np.where(train_end > lo, (train_end - lo - 1) // cfg.train_stride + 1, 0)  # (G,)
+    group = np.repeat(np.arange(len(g.counts), dtype=np.int64), per_user)
+    local = lo + _ragged_arange(per_user) * cfg.train_stride  # (S,) chronological per user
+    train = _padded_windows(g, group, local, m, train_end, cfg.history_len)
+    keep = _ragged_arange(g.counts) < np.repeat(train_end, g.counts)  # (P,) positives before each val target
+    split = SessionSplit(train=train, val=val, test=test, train_interactions=g.positives.select(keep))
+    log.info("leave-one-out: %d positives, %d users, %d held out; train %d sessions (<= %d items), val %d, test %d",
+             len(g.positives), len(g.user_ids), len(users), len(train), m, len(val), len(test))
     return split
 
 

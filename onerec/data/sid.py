@@ -65,7 +65,7 @@ class SidSessions:
 
     history: np.ndarray  # (H, L) int64, each session's history most recent first, concatenated
     offsets: np.ndarray  # (S+1,) int64
-    targets: np.ndarray  # (S, m, L) int64
+    targets: np.ndarray  # (S, m, L) int64, -1 codes after the end of a shorter (padded) target
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -76,11 +76,13 @@ class SidSessions:
 
     @classmethod
     def from_sessions(cls, sessions: Sessions, catalog: Catalog, history_len: int) -> SidSessions:
-        """Keep sessions whose 5 targets are catalog items and whose history has >= 1 known item."""
+        """Keep sessions whose target items are catalog items and whose history has >= 1 known item; a padded
+        target (video -1 at its end, leave-one-out training windows) keeps -1 codes there, which the loss skips."""
         target_sids = catalog.sids_of(sessions.targets.reshape(-1)).reshape(len(sessions), -1, catalog.levels)
-        rows, history, offsets = known_histories(catalog, sessions.history, sessions.history_offsets, target_sids,
-                                                 history_len)
-        return cls(history=history, offsets=offsets, targets=target_sids[rows])
+        padding = (sessions.targets < 0)[..., None]  # (S, m, 1)
+        rows, history, offsets = known_histories(catalog, sessions.history, sessions.history_offsets,
+                                                 np.where(padding, 0, target_sids), history_len)
+        return cls(history=history, offsets=offsets, targets=np.where(padding[rows], -1, target_sids[rows]))
 
     def histories(self, idx: np.ndarray) -> list[np.ndarray]:
         return [self.history[self.offsets[i] : self.offsets[i + 1]] for i in idx]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from onerec.errors import UsageError
 
 if TYPE_CHECKING:
+    from onerec.config import DataConfig
     from onerec.data.interactions import Interactions
     from onerec.data.synthetic import SyntheticConfig
 
@@ -43,6 +44,10 @@ class Source(Protocol):
         """Item titles {video id: title} for a run prepared from this source (its prepare.json), else {}."""
         ...
 
+    def data_config(self, base: DataConfig) -> DataConfig:
+        """The preset's data settings adapted to this source (e.g. its evaluation protocol)."""
+        ...
+
 
 class MovieLens:
     """MovieLens ratings (u.data, ratings.dat or ratings.csv) from `--path`; titles from the files beside them."""
@@ -67,6 +72,9 @@ class MovieLens:
         source = Path(marker["path"])
         return load_titles(source if source.is_dir() else source.parent)
 
+    def data_config(self, base: DataConfig) -> DataConfig:
+        return base  # ratings >= positive_rating, the session protocol
+
 
 class Synthetic:
     """Planted synthetic interactions (`onerec.data.synthetic`) of `--users` users and `--items` items."""
@@ -88,6 +96,35 @@ class Synthetic:
 
     def titles(self, marker: dict[str, Any]) -> dict[int, str]:
         return {}
+
+    def data_config(self, base: DataConfig) -> DataConfig:
+        return base
+
+
+class Sequences:
+    """Implicit-feedback sequences, one user per line (`user item item ...`, S3-Rec/TIGER format) from `--path`,
+    evaluated leave-one-out as the public tables are: last item test, the one before validation, every earlier
+    position a training target, histories of the <= 50 most recent items."""
+
+    name = "sequences"
+    history_len = 50  # the public setups use 20 (TIGER) to 50 (S3-Rec); a DataConfig value
+
+    def load(self, options: SourceOptions) -> Interactions:
+        from onerec.data.sequences import load_sequences
+
+        if options.path is None:
+            raise UsageError("--path: required with --source sequences")
+        return load_sequences(options.path)
+
+    def origin(self, options: SourceOptions) -> dict[str, Any]:
+        return {"source": self.name, "path": str(Path(options.path).resolve())}
+
+    def titles(self, marker: dict[str, Any]) -> dict[int, str]:
+        return {}
+
+    def data_config(self, base: DataConfig) -> DataConfig:
+        return dataclasses.replace(base, protocol="leave_one_out", positive_rating=1.0, history_len=self.history_len,
+                                   train_stride=1)
 
 
 SOURCES: dict[str, Source] = {}
@@ -121,3 +158,4 @@ def item_titles(prepare_marker: dict[str, Any]) -> dict[int, str]:
 
 register(MovieLens())
 register(Synthetic())
+register(Sequences())

@@ -37,8 +37,10 @@ def generate(
     beam: BeamConfig,
     exclude: Sequence[np.ndarray] | None = None,
     device: str | torch.device = "cpu",
+    session_len: int | None = None,
 ) -> BeamResult:
-    """Best `beam.num_sessions` sessions per history; `exclude[b]` are leaf ids banned for request b."""
+    """Best `beam.num_sessions` sessions per history; `exclude[b]` are leaf ids banned for request b. Sessions
+    hold the model's m items, or the first `session_len` of them (1: a ranked list of next items)."""
     history, mask = pad_histories(histories, model.cfg.history_len)
     history, mask = history.to(device), mask.to(device)
     memory = model.encode(history, mask)  # (B, N, D)
@@ -47,7 +49,7 @@ def generate(
         ModelStep(model, state),
         trie,
         batch=len(histories),
-        session_len=model.cfg.session_len,
+        session_len=session_len or model.cfg.session_len,
         beam_width=beam.beam_width,
         num_sessions=beam.num_sessions,
         exclude=exclude if beam.exclude_history else None,

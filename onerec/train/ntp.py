@@ -51,9 +51,11 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def session_loss(model: OneRecModel, history, mask, targets) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean next-token cross-entropy over the m*L code positions, and the MoE auxiliary loss."""
-    out = model(history, mask, targets)  # logits (B, m, L, K)
-    ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), targets.reshape(-1))
+    """Mean next-token cross-entropy over the m*L code positions (padding, code -1, skipped), and the MoE
+    auxiliary loss. Padding only ends a target, so the inputs fed in its place (code 0) reach only positions
+    that are skipped too (the decoder is causal)."""
+    out = model(history, mask, targets.clamp_min(0))  # logits (B, m, L, K)
+    ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
     return ce, out.aux_loss
 
 

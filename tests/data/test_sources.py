@@ -16,7 +16,7 @@ ML100K = Path(__file__).resolve().parents[3] / "shared" / "data" / "ml-100k"
 
 
 def test_built_in_sources_in_order_movielens_first():
-    assert source_names()[:2] == ("movielens", "synthetic")
+    assert source_names()[:3] == ("movielens", "synthetic", "sequences")
 
 
 def test_origins_are_what_prepare_json_records(tmp_path: Path):
@@ -30,7 +30,7 @@ def test_origins_are_what_prepare_json_records(tmp_path: Path):
 def test_movielens_needs_a_path_and_unknown_sources_name_the_option():
     with pytest.raises(UsageError, match="--path"):
         get_source("movielens").load(SourceOptions())
-    with pytest.raises(UsageError, match="--source: unknown source 'nope'; known: movielens, synthetic"):
+    with pytest.raises(UsageError, match="--source: unknown source 'nope'; known: movielens, synthetic, sequences"):
         get_source("nope")
 
 
@@ -58,6 +58,9 @@ def test_a_new_source_is_one_registration(monkeypatch: pytest.MonkeyPatch):
 
         def titles(self, marker: dict) -> dict[int, str]:
             return {2: "two"}
+
+        def data_config(self, base):
+            return base
 
     register(Fixed())
     assert source_names()[-1] == "fixed" and item_titles({"source": "fixed"}) == {2: "two"}

@@ -30,12 +30,14 @@ def test_evaluate_json_object(tiny_run: Path):
     code, out, err = run_cli("evaluate", "--run", tiny_run, "--json", "--limit", "40", "--beam-width", "16")
     assert code == 0, err
     payload = json.loads(out)
-    assert set(payload) == {"model", "popular", "valid_sid_rate", "users"}
-    assert set(payload["model"]) == set(payload["popular"]) == {"recall@5", "ndcg@5"}
+    assert set(payload) == {"model", "popular", "valid_sid_rate", "users", "protocol"}
+    assert set(payload["model"]) == set(payload["popular"]) == {"recall@5", "ndcg@5", "recall@10", "ndcg@10"}
+    assert payload["protocol"] == "session"
     assert payload["users"] == 40
     assert payload["valid_sid_rate"] == 1.0  # constrained decoding never leaves the catalog
     for side in ("model", "popular"):
-        assert 0.0 <= payload[side]["recall@5"] <= 1.0 and 0.0 <= payload[side]["ndcg@5"] <= 1.0
+        assert 0.0 <= payload[side]["recall@5"] <= payload[side]["recall@10"] <= 1.0  # the top 10 holds the top 5
+        assert 0.0 <= payload[side]["ndcg@5"] <= 1.0 and 0.0 <= payload[side]["ndcg@10"] <= 1.0
 
 
 def test_training_loss_falls_on_synthetic(tiny_run: Path):

@@ -83,3 +83,24 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(tiny_run: Path, 
 def test_resume_without_checkpoint_is_a_usage_error(tiny_run: Path, tmp_path: Path):
     with pytest.raises(UsageError, match="--resume"):
         _train(tmp_path, tiny_run, resume=True)
+
+
+def test_padded_targets_lose_exactly_what_the_shorter_target_loses():
+    """A leave-one-out window [a, b, -1, -1, -1] scores the same cross-entropy as the 2-item target [a, b]: the
+    padding is skipped and, the decoder being causal, the stand-in inputs there change no earlier logit."""
+    from onerec.model.onerec import OneRecModel
+
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"].model
+    model = OneRecModel(cfg).eval()
+    history = torch.randint(0, cfg.codes, (2, 4, cfg.levels))
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    short = torch.randint(0, cfg.codes, (2, 2, cfg.levels))  # (B, 2, L)
+    padded = torch.cat([short, torch.full((2, cfg.session_len - 2, cfg.levels), -1)], dim=1)  # (B, m, L)
+    with torch.no_grad():
+        ce_padded, _ = ntp.session_loss(model, history, mask, padded)
+        ce_short, _ = ntp.session_loss(model, history, mask, short)
+        ce_other, _ = ntp.session_loss(model, history, mask, torch.cat(
+            [short, torch.randint(0, cfg.codes, (2, cfg.session_len - 2, cfg.levels))], dim=1))
+    assert torch.allclose(ce_padded, ce_short, atol=1e-6)
+    assert not torch.allclose(ce_padded, ce_other)  # real later items do count

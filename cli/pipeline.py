@@ -53,10 +53,13 @@ def tokenize(
     iters: Annotated[int | None, typer.Option(help="k-means iterations per level.")] = None,
     embeddings: Annotated[Path | None, typer.Option(help="External item embeddings (.npy, N x d).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    unique: Annotated[bool | None, typer.Option(
+        "--unique/--no-unique", help="Collision-free last SID level, so every item is reachable (default: the "
+        "preset's).")] = None,
     reuse: ReuseOption = False,
 ) -> None:
     """Embed items (PPMI-SVD by default), balanced residual k-means -> SIDs, and write the catalog."""
-    stages.tokenize(RunDir(run_dir), preset, codes=codes, levels=levels, iters=iters, device=device,
+    stages.tokenize(RunDir(run_dir), preset, codes=codes, levels=levels, iters=iters, device=device, unique=unique,
                     embeddings=embeddings, reuse=reuse)
 
 

@@ -36,7 +36,7 @@ class TokenizerConfig:
     embedding_dim: int = 64  # collaborative (PPMI-SVD) item embedding size
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda"
-    unique: bool = False  # collision-free last level (onerec.tokenizer.unique): every item reachable
+    unique: bool = False  # collision-free last level (onerec.tokenizer.unique): every item reachable (coverage 1.0)
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ def prepare(run: RunDir, source: str = "movielens", options: SourceOptions | Non
 
 def tokenize(run: RunDir, preset: str = "small", codes: int | None = None, levels: int | None = None,
              iters: int | None = None, device: str | None = None, embeddings: Path | None = None,
-             reuse: bool = False) -> Completed:
+             reuse: bool = False, unique: bool | None = None) -> Completed:
     """Embed items (PPMI-SVD, or the `embeddings` .npy), balanced residual k-means -> SIDs, and write the catalog;
     `codes`/`levels`/`iters`/`device` override the preset's tokenizer settings."""
     from onerec.data.embeddings import load_embeddings, ppmi_svd_embeddings
@@ -119,7 +119,8 @@ def tokenize(run: RunDir, preset: str = "small", codes: int | None = None, level
     run.require("prepare")
     if run.is_complete("tokenize") and reuse:
         return _reused(run, "tokenize", run.catalog)
-    cfg = _override(get_preset(preset).tokenizer, codes=codes, levels=levels, iters=iters, device=device)
+    cfg = _override(get_preset(preset).tokenizer, codes=codes, levels=levels, iters=iters, device=device,
+                    unique=unique)
     _check_tokenizer(cfg)
     all_interactions = Interactions.load(run.interactions)
     train_interactions = Interactions.load(run.train_interactions)
@@ -141,8 +142,8 @@ def tokenize(run: RunDir, preset: str = "small", codes: int | None = None, level
     marker = {"tokenizer": to_dict(cfg), "report": result.report,
               "embeddings": str(embeddings) if embeddings else "ppmi-svd", "content_hash": catalog.content_hash}
     run.complete("tokenize", marker)
-    log.info("tokenize: %d items -> %d SIDs (collision rate %.4f), catalog %s", len(video_ids),
-             catalog.num_leaves, result.report["collision_rate"], catalog.content_hash[:12])
+    log.info("tokenize: %d items -> %d SIDs (collision rate %.4f, coverage %.4f), catalog %s", len(video_ids),
+             catalog.num_leaves, result.report["collision_rate"], result.report["coverage"], catalog.content_hash[:12])
     return Completed(marker)
 
 

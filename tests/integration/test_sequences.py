@@ -1,4 +1,4 @@
-"""`onerec prepare --source sequences` end to end: leave-one-out split, tokenize, train, evaluate and baselines @5/@10."""
+"""`onerec prepare --source sequences` end to end: leave-one-out, tokenize, train, evaluate, baselines @5/@10."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -21,7 +22,9 @@ def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
 
 
 def test_tiny_preset_report_numbers() -> None:
-    cfg = PRESETS["tiny"].tokenizer  # K=8, L=3, 10 iterations
+    # K=8, L=3, 10 iterations; plain balanced residual k-means (paper Algorithm 1): `unique` re-balances nothing
+    # above the last level but trades the last level's balance for distinct SIDs (tests/tokenizer/test_unique.py)
+    cfg = dataclasses.replace(PRESETS["tiny"].tokenizer, unique=False)
     x = clustered(200, cfg.embedding_dim)
     result = residual_quantize(x, cfg)
     assert result.sids.shape == (200, 3) and result.sids.dtype == np.int32

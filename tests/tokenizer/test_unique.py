@@ -50,7 +50,7 @@ def test_unique_quantization_reaches_every_item(n: int, k: int):
     rng = np.random.default_rng(n)
     x = rng.normal(size=(n, 8)).astype(np.float32)
     x[: n // 2] *= 0.05  # a dense clump, so that plain residual k-means collides a lot
-    plain = residual_quantize(x, TokenizerConfig(codes=k, levels=3, iters=5, device="cpu"))
+    plain = residual_quantize(x, TokenizerConfig(codes=k, levels=3, iters=5, device="cpu", unique=False))
     unique = residual_quantize(x, TokenizerConfig(codes=k, levels=3, iters=5, device="cpu", unique=True))
     assert plain.report["coverage"] < 1.0
     assert unique.report["coverage"] == 1.0 and unique.report["collision_rate"] == 0.0

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -37,13 +38,21 @@ TORCH_FIRST = ("import runpy, sys, torch; sys.argv = ['onerec', *sys.argv[1:]]; 
                "runpy.run_module('cli', run_name='__main__')")
 
 
-def variants(before: Path | None) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """name -> (command prefix before `serve ...`, extra environment)."""
-    found = {"serve": ([sys.executable, "-m", "cli"], {}),
-             "serve+torch": ([sys.executable, "-c", TORCH_FIRST], {})}
+@dataclass(frozen=True)
+class Variant:
+    """How to launch one gateway: the command before `serve ...`, extra environment, working directory."""
+
+    prefix: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None  # `python -m` puts the working directory first on the path
+
+
+def variants(before: Path | None) -> dict[str, Variant]:
+    found = {"serve": Variant([sys.executable, "-m", "cli"]),
+             "serve+torch": Variant([sys.executable, "-c", TORCH_FIRST])}
     if before is not None:
-        found["before"] = ([sys.executable, "-m", "onerec.cli"], {"PYTHONPATH": str(before.resolve()),
-                                                                 "CWD": str(before.resolve())})
+        old = before.resolve()
+        found["before"] = Variant([sys.executable, "-m", "onerec.cli"], {"PYTHONPATH": str(old)}, old)
     return found
 
 
@@ -58,15 +67,15 @@ def maps_torch(pid: int) -> bool:
     return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
 
 
-def start_once(prefix: list[str], extra_env: dict[str, str], repo: Path, timeout: float = 120.0) -> dict:
+def start_once(variant: Variant, repo: Path, timeout: float = 120.0) -> dict:
     """Spawn one gateway, wait for /healthz, measure, stop it."""
     port, redis_port, grpc_port = free_ports(3)
-    env = {**os.environ, **extra_env, "ONEREC_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+    env = {**os.environ, **variant.env, "ONEREC_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
            "ONEREC_TRITON_URL": f"127.0.0.1:{grpc_port}", "ONEREC_MODEL_REPO": str(repo), "PYTHONUNBUFFERED": "1"}
-    command = [*prefix, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--log-level", "warning"]
+    command = [*variant.prefix, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+               "--log-level", "warning"]
     start = time.perf_counter()
-    cwd = env.pop("CWD", None)  # `python -m` puts the working directory first on the path
-    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    process = subprocess.Popen(command, env=env, cwd=variant.cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     try:
         while not http_ok(f"http://127.0.0.1:{port}/healthz", timeout=0.5):
@@ -97,8 +106,8 @@ def main(
     samples: dict[str, list[dict]] = {name: [] for name in chosen}
     with tempfile.TemporaryDirectory() as repo:
         for r in range(rounds):
-            for name, (prefix, env) in chosen.items():
-                samples[name].append(start_once(prefix, env, Path(repo)))
+            for name, variant in chosen.items():
+                samples[name].append(start_once(variant, Path(repo)))
                 log.info("round %d %-12s %.2fs %.0f MiB", r + 1, name, samples[name][-1]["seconds"],
                          samples[name][-1]["rss_mib"])
     result = {name: summarise(s) for name, s in samples.items()}

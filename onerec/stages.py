@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from onerec.config import DataConfig, TokenizerConfig, from_dict, get_preset, save_json, to_dict
+from onerec.data.interactions import item_rows
 from onerec.data.sources import SourceOptions, get_source
 from onerec.errors import UsageError
 from onerec.runs import RunDir, staging_dir
@@ -158,11 +159,8 @@ def _check_tokenizer(cfg: TokenizerConfig) -> None:
 
 def _counts(items: np.ndarray, video_ids: np.ndarray) -> np.ndarray:
     """Occurrences of each of `video_ids` (ascending) in `items`."""
-    counts = np.zeros(len(video_ids), dtype=np.int64)
-    rows = np.searchsorted(video_ids, items)
-    ok = (rows < len(video_ids)) & (video_ids[np.minimum(rows, len(video_ids) - 1)] == items)
-    np.add.at(counts, rows[ok], 1)
-    return counts
+    rows = item_rows(video_ids, items)
+    return np.bincount(rows[rows >= 0], minlength=len(video_ids)).astype(np.int64)
 
 
 # --- train ------------------------------------------------------------------------------------------------

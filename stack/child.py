@@ -25,11 +25,11 @@ class ChildProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         if not log_output:
             self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                                            start_new_session=True)
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
             return
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
 
     def wait_ready(self, ready: Callable[[], bool], timeout: float, poll: float = 0.2,
                    detail: Callable[[], str] | None = None) -> None:

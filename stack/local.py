@@ -23,6 +23,7 @@ from pathlib import Path
 from onerec.errors import UsageError
 from onerec.runs import RunDir
 from onerec.serving import layout
+from stack.child import ChildProcess
 from stack.commands import gateway_args, load_histories_args, local_command, triton_args
 from stack.gateway import GatewayProcess
 from stack.probes import get_json, http_ok, pid_alive, port_free, post_json
@@ -100,6 +101,19 @@ class StackState:
         return {name: pid_alive(pid) for name, pid in self.pids.items()}
 
 
+class DetachedCommand(ChildProcess):
+    """An `onerec ...` command the stack starts and leaves running (it outlives `onerec up`, in its own session)."""
+
+    def __init__(self, name: str, log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def stop(self, timeout: float = EXIT_TIMEOUT_S + 15) -> int | None:
+        """Give `onerec triton` the time Triton takes to drain before SIGKILL."""
+        return super().stop(timeout)
+
+
 class Stack:
     """Starts, reports and stops one local stack; `up` returns once the gateway's /readyz says ready."""
 
@@ -175,22 +189,20 @@ class Stack:
         return server.start()
 
     def _start_triton(self) -> int:
+        """`onerec triton` as a detached child; its pid once Triton's /v2/health/ready answers."""
         cfg = self.cfg
         args = triton_args(str(cfg.repo), cfg.host, str(cfg.state / "triton"), cfg.triton_ports)
         args += ["--timeout", str(cfg.timeout_s)]
-        process = spawn(local_command(args), self.logs / "triton.log")
+        triton = DetachedCommand("tritonserver", self.logs / "triton.log")
+        triton.spawn(local_command(args), env={**os.environ, "PYTHONUNBUFFERED": "1"})
         ready = f"http://{cfg.host}:{cfg.triton_ports.http}/v2/health/ready"
-        deadline = time.monotonic() + cfg.timeout_s + 10
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise UsageError(f"tritonserver exited with {process.returncode}; see {self.logs / 'triton.log'} "
-                                 f"and {cfg.state / 'triton' / 'tritonserver.log'}")
-            if http_ok(ready):
-                log.info("tritonserver ready on %s", ready)
-                return process.pid
-            time.sleep(0.5)
-        stop_pid("triton", process.pid)
-        raise UsageError(f"tritonserver not ready after {cfg.timeout_s:.0f}s; see {cfg.state / 'triton'}")
+        try:
+            triton.wait_ready(lambda: http_ok(ready), cfg.timeout_s + 10, poll=0.5)
+        except RuntimeError as e:
+            raise UsageError(f"{str(e).splitlines()[0].rstrip(':')}; see {self.logs / 'triton.log'} and "
+                             f"{cfg.state / 'triton' / 'tritonserver.log'}") from e
+        log.info("tritonserver ready on %s", ready)
+        return triton.process.pid
 
     def _load_histories(self, redis_url: str) -> tuple[Path, Path]:
         users, videos = self.cfg.state / "users.txt", self.cfg.state / "videos.txt"
@@ -283,13 +295,6 @@ def describe(answer: dict, titles: dict[int, str]) -> str:
     lines.append(f"  recommended (source: {source}, model version {body['model_version']}):")
     lines += [f"    {item['rank']}. {name(item['video_id'])}" for item in body["items"]]
     return "\n".join(lines)
-
-
-def spawn(command: list[str], log_path: Path) -> subprocess.Popen:
-    """A detached child in its own session (it outlives `onerec up`), output appended to `log_path`."""
-    with open(log_path, "ab") as out:
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def stop_pid(name: str, pid: int, timeout: float = EXIT_TIMEOUT_S + 15) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from onerec.data.interactions import Interactions
+from onerec.data.interactions import Interactions, item_rows
 from onerec.data.sessions import Sessions
 from onerec.eval import score_recommendations
 
@@ -36,10 +36,7 @@ class TrainMatrix:
 
     def rows_of(self, video_ids: np.ndarray) -> np.ndarray:
         """Item rows of `video_ids` (-1 where not in the catalogue)."""
-        video_ids = np.asarray(video_ids, dtype=np.int64)
-        rows = np.searchsorted(self.video_ids, video_ids)
-        clipped = np.minimum(rows, max(self.num_items - 1, 0))
-        return np.where((rows < self.num_items) & (self.video_ids[clipped] == video_ids), rows, -1)
+        return item_rows(self.video_ids, video_ids)
 
 
 def train_matrix(all_interactions: Interactions, train_interactions: Interactions) -> TrainMatrix:

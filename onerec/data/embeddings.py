@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from onerec.data.interactions import Interactions
+from onerec.data.interactions import Interactions, item_rows
 from onerec.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -19,20 +19,10 @@ OVERSAMPLE = 16  # extra random columns in the randomized range finder (at least
 POWER_ITERS = 6  # power iterations of the randomized range finder
 
 
-def _item_index(video_ids: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """(E,) row of each interaction's item in video_ids, -1 where the item is not listed."""
-    if len(video_ids) == 0:
-        return np.full(len(items), -1, dtype=np.int64)
-    order = np.argsort(video_ids, kind="stable")
-    sorted_ids = video_ids[order]
-    pos = np.minimum(np.searchsorted(sorted_ids, items), len(sorted_ids) - 1)
-    return np.where(sorted_ids[pos] == items, order[pos], -1)
-
-
 def cooccurrence(interactions: Interactions, video_ids: np.ndarray) -> sp.csr_matrix:
     """(N, N) float64 sparse X^T X with X the binary user x item matrix, diagonal removed."""
     n = len(video_ids)
-    col = _item_index(video_ids, interactions.items)
+    col = item_rows(video_ids, interactions.items)
     keep = col >= 0
     if not keep.all():
         log.debug("co-occurrence: %d interactions with items outside video_ids ignored", int((~keep).sum()))

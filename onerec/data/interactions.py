@@ -40,6 +40,17 @@ def load_npz(path: Path, keys: tuple[str, ...], what: str) -> dict[str, np.ndarr
         raise UsageError(f"{path}: cannot read {what} file ({exc})") from exc
 
 
+def item_rows(video_ids: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """(E,) int64 row of each of `items` in `video_ids` (any order), -1 where the item is not listed."""
+    video_ids, items = np.asarray(video_ids, dtype=np.int64), np.asarray(items, dtype=np.int64)
+    if len(video_ids) == 0:
+        return np.full(len(items), -1, dtype=np.int64)
+    order = np.argsort(video_ids, kind="stable")
+    sorted_ids = video_ids[order]
+    pos = np.minimum(np.searchsorted(sorted_ids, items), len(sorted_ids) - 1)
+    return np.where(sorted_ids[pos] == items, order[pos], -1).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class Interactions:
     """E interaction events; arrays are coerced to the documented dtypes and must share one length."""

@@ -133,12 +133,18 @@ def _ragged_arange(lengths: np.ndarray) -> np.ndarray:
 
 
 def _make_sessions(
-    g: _Grouped, group: np.ndarray, local_start: np.ndarray, m: int, max_history: int
+    g: _Grouped, group: np.ndarray, local_start: np.ndarray, m: int, max_history: int, end: np.ndarray | None = None
 ) -> Sessions:
-    """Sessions whose target is user group[i]'s positives local_start[i] .. local_start[i]+m-1."""
+    """Sessions whose target is user group[i]'s positives local_start[i] .. local_start[i]+m-1; with `end` (G,),
+    only those before the user's local position end[group[i]], -1 filling the rest of the row."""
     start = g.starts[group] + local_start  # (S,) index into g.positives
     items = g.positives.items
-    targets = items[start[:, None] + np.arange(m, dtype=np.int64)]  # (S, m)
+    span = start[:, None] + np.arange(m, dtype=np.int64)  # (S, m)
+    if end is None:
+        targets = items[span]
+    else:
+        inside = (local_start[:, None] + np.arange(m, dtype=np.int64)) < end[group][:, None]
+        targets = np.where(inside, items[np.minimum(span, len(items) - 1)], -1)
     lengths = np.minimum(local_start, max_history)  # (S,)
     offsets = np.zeros(len(start) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -204,21 +210,6 @@ def build_sessions(interactions: Interactions, cfg: DataConfig) -> SessionSplit:
     return split
 
 
-def _padded_windows(g: _Grouped, group: np.ndarray, local_start: np.ndarray, m: int, end: np.ndarray,
-                    max_history: int) -> Sessions:
-    """Sessions whose target i holds user group[i]'s positives from local_start[i] on, at most m of them and only
-    those before its local position end[group[i]]; -1 fills the rest of the row."""
-    start = g.starts[group] + local_start  # (S,) index into g.positives
-    position = local_start[:, None] + np.arange(m, dtype=np.int64)  # (S, m) local positions of the target
-    inside = position < end[group][:, None]
-    items = g.positives.items[np.minimum(start[:, None] + np.arange(m, dtype=np.int64), len(g.positives) - 1)]
-    lengths = np.minimum(local_start, max_history)  # (S,)
-    offsets = np.zeros(len(start) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    history = g.positives.items[np.repeat(start - 1, lengths) - _ragged_arange(lengths)]  # (H,) most recent first
-    return Sessions(g.user_ids[group], history, offsets, np.where(inside, items, -1).reshape(len(start), m))
-
-
 def build_leave_one_out(interactions: Interactions, cfg: DataConfig) -> SessionSplit:
     """The public sequence protocol: with a user's positives p[0..n-1] in time order, the test target is p[n-1],
     the validation target p[n-2] (one item each), and training targets start at every s = min_history,
@@ -235,7 +226,7 @@ def build_leave_one_out(interactions: Interactions, cfg: DataConfig) -> SessionS
     per_user = np.where(train_end > lo, (train_end - lo - 1) // cfg.train_stride + 1, 0)  # (G,)
     group = np.repeat(np.arange(len(g.counts), dtype=np.int64), per_user)
     local = lo + _ragged_arange(per_user) * cfg.train_stride  # (S,) chronological per user
-    train = _padded_windows(g, group, local, m, train_end, cfg.history_len)
+    train = _make_sessions(g, group, local, m, cfg.history_len, end=train_end)
     keep = _ragged_arange(g.counts) < np.repeat(train_end, g.counts)  # (P,) positives before each val target
     split = SessionSplit(train=train, val=val, test=test, train_interactions=g.positives.select(keep))
     log.info("leave-one-out: %d positives, %d users, %d held out; train %d sessions (<= %d items), val %d, test %d",

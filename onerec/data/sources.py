@@ -49,20 +49,39 @@ class Source(Protocol):
         ...
 
 
-class MovieLens:
+class FileSource:
+    """Defaults for a source read from `--path`: a required path recorded in the origin, no titles, the preset's
+    data settings. Subclasses set `name` and `read(path)` and override what differs."""
+
+    name = "file"
+
+    def read(self, path: Path) -> Interactions:
+        raise NotImplementedError
+
+    def load(self, options: SourceOptions) -> Interactions:
+        if options.path is None:
+            raise UsageError(f"--path: required with --source {self.name}")
+        return self.read(options.path)
+
+    def origin(self, options: SourceOptions) -> dict[str, Any]:
+        return {"source": self.name, "path": str(Path(options.path).resolve())}
+
+    def titles(self, marker: dict[str, Any]) -> dict[int, str]:
+        return {}
+
+    def data_config(self, base: DataConfig) -> DataConfig:
+        return base
+
+
+class MovieLens(FileSource):
     """MovieLens ratings (u.data, ratings.dat or ratings.csv) from `--path`; titles from the files beside them."""
 
     name = "movielens"
 
-    def load(self, options: SourceOptions) -> Interactions:
+    def read(self, path: Path) -> Interactions:
         from onerec.data.movielens import load_movielens
 
-        if options.path is None:
-            raise UsageError("--path: required with --source movielens")
-        return load_movielens(options.path)
-
-    def origin(self, options: SourceOptions) -> dict[str, Any]:
-        return {"source": self.name, "path": str(Path(options.path).resolve())}
+        return load_movielens(path)
 
     def titles(self, marker: dict[str, Any]) -> dict[int, str]:
         from onerec.data.movielens import load_titles
@@ -71,9 +90,6 @@ class MovieLens:
             return {}
         source = Path(marker["path"])
         return load_titles(source if source.is_dir() else source.parent)
-
-    def data_config(self, base: DataConfig) -> DataConfig:
-        return base  # ratings >= positive_rating, the session protocol
 
 
 class Synthetic:
@@ -101,7 +117,7 @@ class Synthetic:
         return base
 
 
-class Sequences:
+class Sequences(FileSource):
     """Implicit-feedback sequences, one user per line (`user item item ...`, S3-Rec/TIGER format) from `--path`,
     evaluated leave-one-out as the public tables are: last item test, the one before validation, every earlier
     position a training target, histories of the <= 50 most recent items."""
@@ -109,18 +125,10 @@ class Sequences:
     name = "sequences"
     history_len = 50  # the public setups use 20 (TIGER) to 50 (S3-Rec); a DataConfig value
 
-    def load(self, options: SourceOptions) -> Interactions:
+    def read(self, path: Path) -> Interactions:
         from onerec.data.sequences import load_sequences
 
-        if options.path is None:
-            raise UsageError("--path: required with --source sequences")
-        return load_sequences(options.path)
-
-    def origin(self, options: SourceOptions) -> dict[str, Any]:
-        return {"source": self.name, "path": str(Path(options.path).resolve())}
-
-    def titles(self, marker: dict[str, Any]) -> dict[int, str]:
-        return {}
+        return load_sequences(path)
 
     def data_config(self, base: DataConfig) -> DataConfig:
         return dataclasses.replace(base, protocol="leave_one_out", positive_rating=1.0, history_len=self.history_len,

@@ -36,6 +36,9 @@ def export_cmd(
     max_batch_size: Annotated[int, typer.Option(help="Requests Triton's dynamic batcher hands over at once.")] = 16,
     checkpoint: Annotated[Path | None, typer.Option(
         help="Model directory to export (default RUN/model; e.g. RUN/align/iter_2 for an IPA iteration).")] = None,
+    session_len: Annotated[int | None, typer.Option(
+        help="Items per served session (SESSION_SIDS' m): 1 = the best next items, ranked; 0 = whole sessions of "
+        "the model's m items (default: the trained preset's).")] = None,
 ) -> None:
     """Write the run's model and catalog as a new version of the Triton model `onerec`."""
     from export.repository import ServingConfig, export_run
@@ -44,7 +47,7 @@ def export_cmd(
         raise UsageError(f"--device: unknown device {device!r}; use auto, cpu or cuda")
     if max_batch_size < 1:
         raise UsageError(f"--max-batch-size: must be >= 1, got {max_batch_size}")
-    serving = ServingConfig(device=device, max_batch_size=max_batch_size)
+    serving = ServingConfig(device=device, max_batch_size=max_batch_size, session_len=session_len)
     if checkpoint is not None and not (checkpoint / "model.safetensors").is_file():
         raise UsageError(f"--checkpoint: {checkpoint} is not a model directory (no model.safetensors)")
     version = export_run(run_dir, out, precision.value, serving, checkpoint)

@@ -13,7 +13,7 @@ from string import Template
 import torch
 
 from export.onnx_graphs import export_graphs
-from onerec.config import to_dict
+from onerec.config import PRESETS, BeamConfig, to_dict
 from onerec.errors import UsageError
 from onerec.model.onerec import OneRecModel, load_model
 from onerec.runs import RunDir
@@ -39,6 +39,9 @@ class ServingConfig:
     instance_count: int = 1
     device: str = "auto"  # auto | cpu | cuda: where the backend runs onnxruntime
     intra_op_threads: int = 0  # 0 = onnxruntime default
+    # items per served session (SESSION_SIDS' m): None = the trained preset's BeamConfig.session_len (1: the R
+    # best next items), 0 = whole sessions of the model's m items
+    session_len: int | None = None
 
 
 def resolve_precision(precision: str) -> str:
@@ -50,6 +53,16 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
+def served_session_len(serving: ServingConfig, preset: str, model_items: int) -> int:
+    """Items per served session: the export's setting, else the preset's beam setting; 0 means all m."""
+    wanted = serving.session_len
+    if wanted is None:
+        wanted = PRESETS[preset].beam.session_len if preset in PRESETS else BeamConfig().session_len
+    if not 0 <= wanted <= model_items:
+        raise UsageError(f"--session-len: {wanted} must lie in [0, {model_items}] (0 = the model's whole session)")
+    return wanted or model_items
+
+
 def render_config(manifest: layout.Manifest, serving: ServingConfig) -> str:
     """config.pbtxt text from the committed template."""
     if not CONFIG_TEMPLATE.is_file():
@@ -58,7 +71,7 @@ def render_config(manifest: layout.Manifest, serving: ServingConfig) -> str:
     return Template(CONFIG_TEMPLATE.read_text()).substitute(
         max_batch_size=serving.max_batch_size,
         levels=manifest.model["levels"],
-        session_len=manifest.model["session_len"],
+        session_len=manifest.served_session_len,
         max_queue_delay_us=serving.max_queue_delay_us,
         queue_timeout_us=serving.queue_timeout_us,
         max_queue_size=serving.max_queue_size,
@@ -107,6 +120,7 @@ def write_version(
             model_version=version,
             model=to_dict(model.cfg),
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            session_len=served_session_len(serving, preset, model.cfg.session_len),
         )
         manifest.save(staging)
         staging.rename(final)

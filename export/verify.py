@@ -108,8 +108,8 @@ def verify(model: OneRecModel, version_dir: Path, sessions: Sessions, users: int
         served = [engine.generate([q])[0] for q in queries]
         exclude = [engine.catalog.trie.leaf_of(h) for h in histories]
         reference = [
-            generate(model, engine.catalog.trie, [h], beam, exclude=[e[e >= 0]]) for h, e in zip(histories, exclude,
-                                                                                              strict=True)
+            generate(model, engine.catalog.trie, [h], beam, exclude=[e[e >= 0]], session_len=engine.session_len)
+            for h, e in zip(histories, exclude, strict=True)
         ]
         top, overlap = session_agreement(served, reference)
         other = "fp16" if engine.manifest.precision == "fp32" else "fp32"

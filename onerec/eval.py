@@ -133,8 +133,10 @@ def evaluate(
     `scorer` (the reward model), every generated session is scored too: `reward` holds, per target, the users'
     mean and max over their sessions, averaged over users (the paper's IPA table).
 
-    The model's top 10: under the session protocol, the served answer continued the same way (the best session,
-    then the later sessions' new items); under `leave_one_out` (one target item), beam search over the first item
+    The model's answer under the session protocol is generated as the gateway does: sessions of
+    `beam.session_len` items (1, the default: beam search's best next items in score order; 0: whole m-item
+    sessions). The top 10 is the served answer continued the same way (the best session, then the later
+    sessions' new items); under `leave_one_out` (one target item), beam search over the first item
     of the session only, the ten best distinct first items in score order (TIGER's ranked list); the valid-SID
     rate then counts those items, and the reward (a session-level score) is not computed.
     """
@@ -163,15 +165,18 @@ def evaluate(
         allowed = [e[e >= 0] for e in exclude]
         if protocol == "leave_one_out":  # one target: the best first items, as a ranked list
             result = generate(model, catalog.trie, histories, ranked, exclude=allowed, device=device, session_len=1)
-        else:
-            result = generate(model, catalog.trie, histories, beam, exclude=allowed, device=device)
+        else:  # what the gateway serves: sessions of beam.session_len items (1: the ranked next items)
+            result = generate(model, catalog.trie, histories, beam, exclude=allowed, device=device,
+                              session_len=beam.session_len or None)
         best = result.sessions[:, 0].cpu().numpy()  # (b, m, L), m = 1 under leave_one_out
         found = best[:, :, 0] >= 0
         generated += int(found.sum())
         valid += int((catalog.trie.leaf_of(best[found]) >= 0).sum())
         leaves = result.leaves.cpu().numpy()  # (b, R, m)
-        if scorer is not None and protocol == "session":
-            means, maxes = session_rewards(scorer, histories, result.sessions.cpu().numpy())
+        if scorer is not None and protocol == "session":  # the reward model scores whole m-item sessions
+            whole = result if result.sessions.shape[2] == model.cfg.session_len else generate(
+                model, catalog.trie, histories, beam, exclude=allowed, device=device)
+            means, maxes = session_rewards(scorer, histories, whole.sessions.cpu().numpy())
             reward_means += means
             reward_maxes += maxes
         for row, hist, session_leaves in zip(chunk, histories_video, leaves, strict=True):

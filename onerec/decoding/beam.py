@@ -127,6 +127,41 @@ def ban_items(cands: Candidates, used: np.ndarray, banned: np.ndarray) -> np.nda
     return cands.valid & ~bad
 
 
+def open_leaf_counts(trie: PrefixTrie, banned: np.ndarray) -> list[np.ndarray]:
+    """Per level l = 0..L, counts[l] (B, n_l) int64: how many leaves under each level-l node request b may
+    still take (not banned). counts[L] is the leaves themselves; children are contiguous in the CSR trie, so a
+    node's count is a difference of one cumulative sum."""
+    B = banned.shape[0]
+    counts: list[np.ndarray] = [np.empty(0)] * (trie.levels + 1)
+    counts[trie.levels] = (~banned).astype(np.int64)  # (B, U)
+    for level in range(trie.levels - 1, -1, -1):
+        below = np.concatenate([np.zeros((B, 1), dtype=np.int64), np.cumsum(counts[level + 1], axis=1)], axis=1)
+        offsets = trie.offsets[level]
+        counts[level] = below[:, offsets[1:]] - below[:, offsets[:-1]]  # (B, n_level)
+    return counts
+
+
+def ban_dead_ends(cands: Candidates, trie: PrefixTrie, level: int, used: np.ndarray,
+                  counts: list[np.ndarray]) -> np.ndarray:
+    """Below the last level: valid (B, W, C) minus children under which no leaf is left for the beam, i.e.
+    every leaf is banned for the request (counts) or already in the beam's session (used (B, W, i)).
+
+    Without it a beam can walk into a prefix whose leaves are all the user's history and die one level
+    later; with it every live beam can always finish its item, so the search returns sessions whenever the
+    catalog has session_len allowed leaves.
+    """
+    child = cands.nodes  # (B, W, C) level-(level+1) nodes, -1 where invalid
+    rows = np.arange(child.shape[0])[:, None, None]
+    left = counts[level + 1][rows, np.maximum(child, 0)]  # (B, W, C)
+    if used.shape[-1]:
+        up = np.maximum(used, 0)  # (B, W, i) leaves already in the session -> their level-(level+1) ancestor
+        for lv in range(trie.levels - 1, level, -1):
+            up = trie.parents[lv][up]
+        taken = (up[:, :, None, :] == child[..., None]) & (used[:, :, None, :] >= 0)  # (B, W, C, i)
+        left = left - taken.sum(axis=-1)
+    return cands.valid & (left > 0)
+
+
 def normalised_log_probs(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """logits (B, W, C), valid (B, W, C) bool -> log-probabilities over each beam's valid candidates.
 
@@ -234,7 +269,9 @@ def beam_search(
 
     Scoring: a sequence's score is the sum, over its generated codes, of the code's log-probability
     normalised over the trie children of its prefix (`normalised_log_probs`): only valid children are ever
-    scored, never the whole codebook. The no-repeat and `exclude` bans remove candidates after normalising.
+    scored, never the whole codebook. The no-repeat and `exclude` bans remove candidates after normalising,
+    and so does the dead-end ban: above the last level a child is only taken if some leaf under it is still
+    allowed for the beam (`ban_dead_ends`), so beams never die on a prefix whose items are all excluded.
     Constraints: every item is a trie leaf (a real catalog SID), no leaf twice in a session, and no leaf of
     exclude[b] (leaf ids, optional per request) in request b's sessions.
     `constrained=False` is the unconstrained peer for benchmarks: every code is a candidate at every level,
@@ -250,6 +287,7 @@ def beam_search(
         raise ValueError("batch, session_len, beam_width and num_sessions must all be >= 1")
     B, W, K, L, m = batch, beam_width, trie.num_codes, trie.levels, session_len
     banned = exclusion_mask(exclude, B, trie.num_leaves)  # (B, U)
+    counts = open_leaf_counts(trie, banned) if constrained else []  # per level (B, n_l)
     arange = torch.arange(W, device=device).expand(B, W)  # (B, W) identity reorder
     no_candidates = torch.zeros((1, 1, 1), dtype=torch.long, device=device)  # before a BOS position
 
@@ -272,7 +310,11 @@ def beam_search(
         live = ~torch.isneginf(scores).cpu().numpy()  # (B, W)
         if constrained:
             cands = trie_candidates(trie, level, beams.nodes, live)
-            allowed = cands.valid if level < L - 1 else ban_items(cands, beams.leaves[:, :, :item], banned)
+            used = beams.leaves[:, :, :item]  # (B, W, i)
+            if level < L - 1:
+                allowed = ban_dead_ends(cands, trie, level, used, counts)
+            else:
+                allowed = ban_items(cands, used, banned)
         else:
             cands = full_candidates(K, live)
             allowed = cands.valid

@@ -40,7 +40,10 @@ def generate(
     session_len: int | None = None,
 ) -> BeamResult:
     """Best `beam.num_sessions` sessions per history; `exclude[b]` are leaf ids banned for request b. Sessions
-    hold the model's m items, or the first `session_len` of them (1: a ranked list of next items)."""
+    hold the model's m items, or the first `session_len` of them (1: a ranked list of next items). Whole sessions
+    unless `session_len` is given: `beam.session_len` is the serving setting, which callers pass on purpose."""
+    if session_len is not None and not 1 <= session_len <= model.cfg.session_len:
+        raise ValueError(f"session_len {session_len} is outside [1, {model.cfg.session_len}] (the model's m)")
     history, mask = pad_histories(histories, model.cfg.history_len)
     history, mask = history.to(device), mask.to(device)
     memory = model.encode(history, mask)  # (B, N, D)

@@ -171,6 +171,7 @@ class Engine:
                 f"{self.manifest.catalog_hash}; re-export the model with its own catalog"
             )
         self.model = OnnxModel(self.directory, self.cfg, self.manifest.precision, device, threads)
+        self.session_len = self.manifest.served_session_len  # m of the sessions it returns
 
     def query(self, history: np.ndarray, beam_width: int = layout.DEFAULT_BEAM_WIDTH,
               num_sessions: int = layout.DEFAULT_NUM_SESSIONS,
@@ -217,7 +218,7 @@ class Engine:
         exclude = [trie.leaf_of(q.history) if q.exclude_history else None for q in queries]
         step = self.model.start(history.numpy(), mask.numpy(), width)
         return beam_search(
-            step, trie, batch=len(queries), session_len=self.cfg.session_len, beam_width=width,
+            step, trie, batch=len(queries), session_len=self.session_len, beam_width=width,
             num_sessions=max(q.num_sessions for q in queries), exclude=exclude, cancelled=cancelled,
             constrained=constrained,
         )

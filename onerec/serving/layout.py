@@ -53,6 +53,12 @@ class Manifest:
     model_version: int
     model: dict[str, Any]  # the ModelConfig as a dict
     created: str
+    session_len: int = 0  # items per served session (SESSION_SIDS' m); 0 = the model's m (older manifests)
+
+    @property
+    def served_session_len(self) -> int:
+        """m of SESSION_SIDS [R, m, L]: the items the backend generates per session."""
+        return int(self.session_len or self.model["session_len"])
 
     def save(self, directory: Path) -> None:
         path = Path(directory) / MANIFEST_FILE

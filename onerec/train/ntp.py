@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from onerec.config import ModelConfig, Preset, TrainConfig, save_json, to_dict
+from onerec.config import BeamConfig, ModelConfig, Preset, TrainConfig, save_json, to_dict
 from onerec.data.sid import SidSessions
 from onerec.device import resolve_device
 from onerec.errors import UsageError
@@ -40,6 +40,14 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator
         part = part[np.argsort(lengths[part], kind="stable")]
         batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def shuffled_targets(targets: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """targets (B, m, L) with each row's real items (code >= 0) in a random order, padding (-1) kept last."""
+    B, m, _ = targets.shape
+    keys = rng.random((B, m)) + (targets[:, :, 0] < 0).numpy() * 2.0  # (B, m): padded items sort after real ones
+    order = torch.from_numpy(np.argsort(keys, axis=1, kind="stable"))  # (B, m)
+    return targets.gather(1, order.unsqueeze(-1).expand_as(targets))
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -74,6 +82,40 @@ def evaluate_loss(model: OneRecModel, data: SidSessions, batch_size: int, device
         total += float(ce) * len(idx)
         count += len(idx)
     return total / count
+
+
+SELECT_METRICS = ("val_loss", "recall@10", "ndcg@10")
+
+
+@torch.no_grad()
+def ranking_metrics(model: OneRecModel, catalog: Catalog, data: SidSessions, beam: BeamConfig, users: int,
+                    device: torch.device) -> dict[str, float]:
+    """Recall@10 / NDCG@10 of the ten next items beam search ranks (session_len 1, history excluded) against
+    each target's items, on the first `users` sessions of `data`. Scored in leaf space (one leaf per SID): the
+    signal that picks an epoch, not a reported number (that is `onerec evaluate`'s)."""
+    from onerec.eval import score_recommendations
+    from onerec.model.generate import generate
+
+    if len(data) == 0:
+        return {"recall@10": float("nan"), "ndcg@10": float("nan")}
+    model.eval()
+    ranked = dataclasses.replace(beam, beam_width=max(beam.beam_width, 10), num_sessions=10, exclude_history=True)
+    trie = catalog.trie
+    lists: list[list[int]] = []
+    targets: list[list[int]] = []
+    rows = np.arange(min(len(data), users))
+    for start in range(0, len(rows), 32):
+        idx = rows[start : start + 32]
+        histories = data.histories(idx)  # [(n, L)] most recent first
+        result = generate(model, trie, histories, ranked, exclude=[trie.leaf_of(h) for h in histories],
+                          device=device, session_len=1)
+        leaves = result.leaves[:, :, 0].cpu().numpy()  # (b, 10)
+        for row, i in enumerate(idx):
+            lists.append([int(leaf) for leaf in leaves[row] if leaf >= 0])
+            items = data.targets[i]  # (m, L), -1 rows after a padded target's end
+            targets.append(trie.leaf_of(items[items[:, 0] >= 0]).tolist())
+    recall, ndcg = score_recommendations(lists, targets, 10)
+    return {"recall@10": recall, "ndcg@10": ndcg}
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------
@@ -142,8 +184,11 @@ def train(
     resume: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Train with Adam on next-token CE + aux; checkpoint each epoch; keep the best-validation model."""
+    """Train with Adam on next-token CE + aux; checkpoint each epoch; keep the best epoch's model by
+    `cfg.select` (validation loss, or the validation ranking of the next items)."""
     cfg = preset.train
+    if cfg.select not in SELECT_METRICS:
+        raise UsageError(f"train.select: unknown metric {cfg.select!r}; use one of {', '.join(SELECT_METRICS)}")
     if len(train_data) == 0:
         raise UsageError("no training sessions: the data has too few positives per user")
     device = resolve_device(cfg.device)
@@ -175,7 +220,10 @@ def train(
         for idx in bar:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(state["step"], total_steps, cfg)
-            history, mask, targets = (t.to(device) for t in train_data.batch(idx, model.cfg.history_len))
+            history, mask, targets = train_data.batch(idx, model.cfg.history_len)
+            if cfg.shuffle_targets:
+                targets = shuffled_targets(targets, rng)
+            history, mask, targets = history.to(device), mask.to(device), targets.to(device)
             ce, aux = session_loss(model, history, mask, targets)
             loss = ce + model.cfg.aux_loss_coef * aux
             optimizer.zero_grad(set_to_none=True)
@@ -189,12 +237,19 @@ def train(
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
         val_loss = evaluate_loss(model, val_data, cfg.batch_size * 2, device)
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "aux_loss": float(np.mean(auxes)),
-                  "val_loss": val_loss, "seconds": round(time.time() - started, 1)}
+                  "val_loss": val_loss}
+        score = -val_loss  # higher is better
+        if cfg.select != "val_loss":
+            ranking = ranking_metrics(model, catalog, val_data, preset.beam, cfg.select_users, device)
+            record.update({f"val_{name}": value for name, value in ranking.items()})
+            score = ranking[cfg.select]
+        record["seconds"] = round(time.time() - started, 1)
         state["history"].append(record)
-        log.info("epoch %d/%d train_loss %.4f val_loss %.4f", epoch + 1, cfg.epochs, record["train_loss"], val_loss)
+        log.info("epoch %d/%d train_loss %.4f val_loss %.4f%s", epoch + 1, cfg.epochs, record["train_loss"], val_loss,
+                 "" if cfg.select == "val_loss" else f" val {cfg.select} {score:.4f}")
         state["epoch"] = epoch + 1
-        if not val_loss >= state["best_val_loss"]:  # also true when there is no validation data (nan)
-            state["best_val_loss"], state["best_epoch"] = val_loss, epoch + 1
+        if not score <= state.get("best_score", float("-inf")):  # also true without validation data (nan)
+            state["best_val_loss"], state["best_epoch"], state["best_score"] = val_loss, epoch + 1, score
             save_model(model, best_dir)
         save_checkpoint(checkpoint_dir, model, optimizer, state)
     return TrainResult(

@@ -19,6 +19,7 @@ from onerec.decoding.beam import (
     exclusion_mask,
     gather_candidates,
     normalised_log_probs,
+    open_leaf_counts,
     select,
     top_w,
 )
@@ -314,9 +315,12 @@ def test_property_constraints_hold(problem, W, R):
     trie = PrefixTrie.from_sids(sids, K)
     step = HashStep.random(B, K, W, seed)
     res = beam_search(step, trie, batch=B, session_len=m, beam_width=W, num_sessions=R, exclude=exclude)
-    check_invariants(res, trie, exclusion_mask(exclude, B, trie.num_leaves), min(R, W))
+    banned = exclusion_mask(exclude, B, trie.num_leaves)
+    check_invariants(res, trie, banned, min(R, W))
     check_calls(step.calls, B, W, K, L, m)
     for b in range(B):
+        # no dead ends: any beam width finds a session whenever the catalog has m allowed leaves
+        assert bool(torch.isfinite(res.scores[b, 0])) == (int((~banned[b]).sum()) >= m)
         for r in range(min(R, W)):
             if not torch.isinf(res.scores[b, r]):
                 want = step.score(b, res.sessions[b, r].numpy(), trie)
@@ -336,6 +340,37 @@ def test_property_wide_beam_is_exhaustive(problem):
         n = len(want)
         np.testing.assert_allclose(res.scores[b, :n].numpy(), [s for s, _ in want], rtol=1e-5, atol=1e-4)
         assert torch.all(torch.isneginf(res.scores[b, n:]))
+
+
+def prefer_low_codes(tokens: torch.Tensor, beam_idx: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """A greedy model's step: code c gets logit -10c, so code 0 always wins by far."""
+    return (-10.0 * candidates.float()).expand(tokens.shape[0], tokens.shape[1], candidates.shape[-1])
+
+
+def test_open_leaf_counts_by_hand():
+    trie = PrefixTrie.from_sids(catalog(2, 2, [0, 1, 2]), 2)  # leaves (0,0) (0,1) (1,0); nodes 0, 1 at level 1
+    counts = open_leaf_counts(trie, np.array([[True, False, False], [True, True, False]]))
+    assert counts[2].tolist() == [[0, 1, 1], [0, 0, 1]]
+    assert counts[1].tolist() == [[1, 1], [0, 1]]  # request 1: nothing left under prefix 0
+    assert counts[0].tolist() == [[2], [1]]
+
+
+def test_greedy_beam_avoids_a_prefix_whose_leaves_are_all_excluded():
+    """Width 1, the model wants code 0 at every level, and both leaves under prefix 0 are the user's history:
+    the beam must take prefix 1 (the only way to an allowed item) instead of dying one level later."""
+    trie = PrefixTrie.from_sids(catalog(2, 2, [0, 1, 2]), 2)
+    res = beam_search(prefer_low_codes, trie, batch=1, session_len=1, beam_width=1, num_sessions=1,
+                      exclude=[np.array([0, 1])])
+    assert res.leaves.tolist() == [[[2]]] and res.sessions.tolist() == [[[[1, 0]]]]
+    assert float(res.scores[0, 0]) == pytest.approx(-10.0 - math.log1p(math.exp(-10.0)), abs=1e-5)
+
+
+def test_greedy_beam_avoids_a_prefix_used_up_by_its_own_session():
+    """Width 1, session of 2 from leaves (0,0) (1,0) (1,1): after item (0,0) prefix 0 has no leaf left for
+    this beam, so item 2 goes under prefix 1, and the greedy code 0 there."""
+    trie = PrefixTrie.from_sids(catalog(2, 2, [0, 2, 3]), 2)
+    res = beam_search(prefer_low_codes, trie, batch=1, session_len=2, beam_width=1, num_sessions=1)
+    assert res.leaves.tolist() == [[[0, 1]]]
 
 
 def test_candidates_are_the_trie_children_shared_at_the_root():

@@ -67,6 +67,24 @@ def test_gpu_config_and_template_placeholders(exported_repo: Path):
     assert "${" in CONFIG_TEMPLATE.read_text() and "${" not in text
 
 
+def test_session_len_is_the_export_setting_or_the_presets(tmp_path: Path, tiny_run: Path):
+    """tiny's beam setting is 0 (whole sessions: the manifest says m); --session-len 1 serves ranked next items,
+    and config.pbtxt's SESSION_SIDS dims follow; beyond m is a usage error naming the option."""
+    repo = tmp_path / "repo"
+    code, _, err = run_cli("export", "--run", tiny_run, "--out", repo, "--precision", "fp32", "--session-len", "1")
+    assert code == 0, err
+    ranked = Manifest.load(repo / "onerec" / "1")
+    assert ranked.session_len == ranked.served_session_len == 1 and ranked.model["session_len"] == 5
+    assert list(parse_config(repo / "onerec" / "config.pbtxt").output[0].dims) == [-1, 1, 3]
+    code, _, err = run_cli("export", "--run", tiny_run, "--out", repo, "--precision", "fp32")
+    assert code == 0, err
+    assert Manifest.load(repo / "onerec" / "2").served_session_len == 5  # tiny: BeamConfig.session_len = 0
+    code, _, err = run_cli("export", "--run", tiny_run, "--out", repo, "--session-len", "6")
+    assert code == 2 and "--session-len: 6 must lie in [0, 5]" in err
+    older = {k: v for k, v in ranked.__dict__.items() if k != "session_len"}  # manifests before the field
+    assert Manifest(**older).served_session_len == 5
+
+
 def test_versions_count_up_and_never_reuse_a_directory(tmp_path: Path, exported_repo: Path, tiny_run: Path):
     repo = tmp_path / "repo"
     (repo / "onerec" / "1").mkdir(parents=True)  # a numeric directory, even an empty one, keeps its number

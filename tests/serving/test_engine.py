@@ -49,6 +49,28 @@ def test_engine_equals_torch_reference_batched(engine: Engine, users, tiny_run: 
         assert not np.isin(leaves, exclude[b]).any()  # history excluded
 
 
+def test_ranked_next_items_equal_torch_reference(exported_repo: Path, tiny_run: Path, users,
+                                                 tmp_path_factory: pytest.TempPathFactory):
+    """A version exported with --session-len 1 (small's default) serves R one-item sessions: the R best next
+    items in score order, exactly torch's generate(session_len=1), distinct and outside the history."""
+    repo = tmp_path_factory.mktemp("ranked")
+    code, _, err = run_cli("export", "--run", tiny_run, "--out", repo, "--precision", "fp32", "--session-len", "1")
+    assert code == 0, err
+    ranked = Engine(repo / "onerec" / "1", device="cpu")
+    assert ranked.session_len == 1
+    model = load_model(tiny_run / "model")
+    served = ranked.generate([ranked.query(h, BEAM.beam_width, BEAM.num_sessions) for h in users])
+    exclude = [ranked.catalog.trie.leaf_of(h) for h in users]
+    reference = generate(model, ranked.catalog.trie, users, BEAM, exclude=exclude, session_len=1)
+    for b, result in enumerate(served):
+        assert result.sessions.shape == (1, BEAM.num_sessions, 1, ranked.cfg.levels)
+        assert torch.equal(result.sessions[0], reference.sessions[b])
+        torch.testing.assert_close(result.scores[0], reference.scores[b], atol=1e-4, rtol=1e-5)
+        items = result.leaves[0, :, 0].numpy()
+        assert np.all(items >= 0) and len(set(items.tolist())) == len(items)  # R distinct catalog items
+        assert not np.isin(items, exclude[b]).any()
+
+
 def test_first_position_runs_one_row_per_request(engine: Engine, users, monkeypatch):
     """Every beam starts as BOS on an empty cache: the first decoder call runs one row per request, the
     next gathers all W beams from it, and the answer is the one the reference test above pins."""

@@ -104,3 +104,35 @@ def test_padded_targets_lose_exactly_what_the_shorter_target_loses():
             [short, torch.randint(0, cfg.codes, (2, cfg.session_len - 2, cfg.levels))], dim=1))
     assert torch.allclose(ce_padded, ce_short, atol=1e-6)
     assert not torch.allclose(ce_padded, ce_other)  # real later items do count
+
+
+def test_shuffled_targets_permute_real_items_and_keep_padding_last():
+    targets = torch.tensor([[[1, 1], [2, 2], [3, 3]], [[4, 4], [5, 5], [-1, -1]]])  # (B=2, m=3, L=2)
+    seen = set()
+    for seed in range(40):
+        out = ntp.shuffled_targets(targets, np.random.default_rng(seed))
+        assert sorted(out[0, :, 0].tolist()) == [1, 2, 3]  # the same items, whole (both levels move together)
+        assert torch.equal(out[:, :, 0], out[:, :, 1])
+        assert out[1, 2].tolist() == [-1, -1] and sorted(out[1, :2, 0].tolist()) == [4, 5]
+        seen.add(tuple(out[0, :, 0].tolist()))
+    assert len(seen) == 6  # every order of three items occurs
+
+
+@pytest.mark.slow
+def test_selection_by_validation_ranking_keeps_the_best_epoch(tiny_run: Path, tmp_path: Path):
+    """train.select = ndcg@10: every epoch records the validation ranking, the kept model is the epoch with
+    the highest, and its metric recomputed from RUN/model is the recorded one (the selection is real)."""
+    from onerec.model.onerec import load_model
+
+    catalog, train, val = _data(tiny_run)
+    cfg = dataclasses.replace(PRESETS["tiny"].train, epochs=3, select="ndcg@10", select_users=60)
+    preset = dataclasses.replace(PRESETS["tiny"], train=cfg)
+    result = ntp.train(preset, catalog, train, val, tmp_path / "ckpt", tmp_path / "best", progress=False)
+    scores = [h["val_ndcg@10"] for h in result.history]
+    assert len(scores) == 3 and all(0.0 <= s <= 1.0 for s in scores) and "val_recall@10" in result.history[0]
+    assert result.best_epoch == 1 + int(np.argmax(scores))
+    again = ntp.ranking_metrics(load_model(tmp_path / "best"), catalog, val, preset.beam, 60, torch.device("cpu"))
+    assert again["ndcg@10"] == pytest.approx(max(scores), abs=1e-9)
+    with pytest.raises(UsageError, match="train.select"):
+        bad = dataclasses.replace(preset, train=dataclasses.replace(cfg, select="auc"))
+        ntp.train(bad, catalog, train, val, tmp_path / "c2", tmp_path / "b2", progress=False)

@@ -28,7 +28,9 @@ def prepare(
     source: Annotated[SourceName, typer.Option(help="Where interactions come from.")] = SourceName(source_names()[0]),
     path: Annotated[Path | None, typer.Option(
         help="MovieLens directory or ratings file; sequences: the `user item item ...` file.")] = None,
-    preset: Annotated[str, typer.Option(help="Preset whose data settings to use (tiny, small, paper).")] = "small",
+    preset: Annotated[str | None, typer.Option(help="Preset for the run (tiny, small, small-seq, paper); recorded "
+        "in prepare.json, the later stages' default (default: the source's: small; small-seq for sequences).")
+    ] = None,
     users: Annotated[int, typer.Option(help="Synthetic: number of users.")] = 2000,
     items: Annotated[int, typer.Option(help="Synthetic: number of items.")] = 5000,
     seed: Annotated[int, typer.Option(help="Synthetic: random seed.")] = 0,
@@ -47,7 +49,8 @@ def prepare(
 @user_errors
 def tokenize(
     run_dir: RunOption,
-    preset: Annotated[str, typer.Option(help="Preset whose tokenizer settings are the defaults.")] = "small",
+    preset: Annotated[str | None, typer.Option(
+        help="Preset whose tokenizer settings are the defaults (default: the one prepare recorded).")] = None,
     codes: Annotated[int | None, typer.Option(help="K codes per level (default: the preset's).")] = None,
     levels: Annotated[int | None, typer.Option(help="L levels (default: the preset's).")] = None,
     iters: Annotated[int | None, typer.Option(help="k-means iterations per level.")] = None,
@@ -70,7 +73,9 @@ def tokenize(
 @user_errors
 def train(
     run_dir: RunOption,
-    preset: Annotated[str, typer.Option(help="Model and training preset: tiny, small or paper.")] = "small",
+    preset: Annotated[str | None, typer.Option(
+        help="Model and training preset: tiny, small, small-seq or paper (default: the one prepare recorded).")
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="Override the preset's epochs.")] = None,
     lr: Annotated[float | None, typer.Option(help="Override the preset's learning rate.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Override the preset's batch size.")] = None,

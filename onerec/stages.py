@@ -57,6 +57,16 @@ def _override(config: C, **values: Any) -> C:
     return dataclasses.replace(config, **{k: v for k, v in values.items() if v is not None})
 
 
+def run_preset(run: RunDir, preset: str | None) -> str:
+    """The preset a stage uses: the one asked for, else the one prepare chose for the data (runs prepared before
+    prepare recorded it: small)."""
+    if preset is not None:
+        return preset
+    chosen = run.read_marker("prepare").get("preset", "small")
+    log.info("preset %s (chosen by prepare for this data; --preset overrides)", chosen)
+    return chosen
+
+
 def _reused(run: RunDir, stage: str, what: Path, command: str | None = None) -> Completed:
     """`reuse` and the stage is complete: its marker as it stands (logged as `command`, default the stage)."""
     log.info("%s: reusing %s", command or stage, what)
@@ -66,10 +76,12 @@ def _reused(run: RunDir, stage: str, what: Path, command: str | None = None) -> 
 # --- prepare ----------------------------------------------------------------------------------------------
 
 
-def prepare(run: RunDir, source: str = "movielens", options: SourceOptions | None = None, preset: str = "small",
+def prepare(run: RunDir, source: str = "movielens", options: SourceOptions | None = None, preset: str | None = None,
             force: bool = False, reuse: bool = False) -> Completed:
     """Read interactions from `source` (`onerec.data.sources`), build sessions (history <= 256 positives, target =
-    next 5) and the time split, and write them into a new run directory (replacing it only with `force`)."""
+    next 5) and the time split, and write them into a new run directory (replacing it only with `force`).
+    `preset` defaults to the source's (`small`; `small-seq` for sequences) and is recorded in prepare.json: the
+    later stages use it when they are not given one."""
     from onerec.data.sessions import build_sessions
 
     options = options or SourceOptions()
@@ -79,6 +91,7 @@ def prepare(run: RunDir, source: str = "movielens", options: SourceOptions | Non
     if out.exists() and not force:
         raise UsageError(f"--out: {out} already exists; pass --force to replace it or --reuse to keep it")
     reader = get_source(source)
+    preset = preset or reader.preset
     data_cfg = reader.data_config(get_preset(preset).data)
     interactions = reader.load(options)
     origin = reader.origin(options)
@@ -98,7 +111,7 @@ def prepare(run: RunDir, source: str = "movielens", options: SourceOptions | Non
             "items": int(np.unique(interactions.items).size),
             "sessions": {name: len(getattr(split, name)) for name in SPLITS},
         }
-        marker = {**origin, "data": to_dict(data_cfg), "stats": stats}
+        marker = {**origin, "preset": preset, "data": to_dict(data_cfg), "stats": stats}
         staged.complete("prepare", marker)
     log.info("prepare: %s -> %s %s", origin["source"], out, json.dumps(stats["sessions"]))
     return Completed(marker)
@@ -107,7 +120,7 @@ def prepare(run: RunDir, source: str = "movielens", options: SourceOptions | Non
 # --- tokenize ---------------------------------------------------------------------------------------------
 
 
-def tokenize(run: RunDir, preset: str = "small", codes: int | None = None, levels: int | None = None,
+def tokenize(run: RunDir, preset: str | None = None, codes: int | None = None, levels: int | None = None,
              iters: int | None = None, device: str | None = None, embeddings: Path | None = None,
              reuse: bool = False, unique: bool | None = None) -> Completed:
     """Embed items (PPMI-SVD, or the `embeddings` .npy), balanced residual k-means -> SIDs, and write the catalog;
@@ -120,6 +133,7 @@ def tokenize(run: RunDir, preset: str = "small", codes: int | None = None, level
     run.require("prepare")
     if run.is_complete("tokenize") and reuse:
         return _reused(run, "tokenize", run.catalog)
+    preset = run_preset(run, preset)
     cfg = _override(get_preset(preset).tokenizer, codes=codes, levels=levels, iters=iters, device=device,
                     unique=unique)
     _check_tokenizer(cfg)
@@ -140,7 +154,7 @@ def tokenize(run: RunDir, preset: str = "small", codes: int | None = None, level
     popularity = _counts(train_interactions.items, video_ids)
     catalog = Catalog.build(video_ids, result.sids, popularity, cfg.codes)
     catalog.save(run.catalog)
-    marker = {"tokenizer": to_dict(cfg), "report": result.report,
+    marker = {"preset": preset, "tokenizer": to_dict(cfg), "report": result.report,
               "embeddings": str(embeddings) if embeddings else "ppmi-svd", "content_hash": catalog.content_hash}
     run.complete("tokenize", marker)
     log.info("tokenize: %d items -> %d SIDs (collision rate %.4f, coverage %.4f), catalog %s", len(video_ids),
@@ -166,7 +180,7 @@ def _counts(items: np.ndarray, video_ids: np.ndarray) -> np.ndarray:
 # --- train ------------------------------------------------------------------------------------------------
 
 
-def train(run: RunDir, preset: str = "small", epochs: int | None = None, lr: float | None = None,
+def train(run: RunDir, preset: str | None = None, epochs: int | None = None, lr: float | None = None,
           batch_size: int | None = None, seed: int | None = None, device: str | None = None, resume: bool = False,
           reuse: bool = False, progress: bool = False) -> Completed:
     """Next-token training on the train sessions; keeps the best model by validation loss in RUN/model. The
@@ -179,7 +193,7 @@ def train(run: RunDir, preset: str = "small", epochs: int | None = None, lr: flo
     run.require("tokenize")
     if run.is_complete("train") and reuse:
         return _reused(run, "train", run.model)
-    chosen = get_preset(preset)
+    chosen = get_preset(run_preset(run, preset))
     train_cfg = _override(chosen.train, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
     if train_cfg.epochs < 1 or train_cfg.batch_size < 1 or train_cfg.lr <= 0:
         raise UsageError("--epochs/--batch-size/--lr: must be positive")

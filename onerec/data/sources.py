@@ -31,6 +31,7 @@ class Source(Protocol):
     (the CLI does, for `--source`'s choices) stays light."""
 
     name: str  # the `--source` value, and `origin["source"]` in prepare.json
+    preset: str  # the preset a run of this data gets when `onerec prepare` is not given one (recorded in the run)
 
     def load(self, options: SourceOptions) -> Interactions:
         """The interactions; UsageError naming the option or file that is wrong."""
@@ -54,6 +55,7 @@ class FileSource:
     data settings. Subclasses set `name` and `read(path)` and override what differs."""
 
     name = "file"
+    preset = "small"
 
     def read(self, path: Path) -> Interactions:
         raise NotImplementedError
@@ -96,6 +98,7 @@ class Synthetic:
     """Planted synthetic interactions (`onerec.data.synthetic`) of `--users` users and `--items` items."""
 
     name = "synthetic"
+    preset = "small"
 
     def config(self, options: SourceOptions) -> SyntheticConfig:
         from onerec.data.synthetic import SyntheticConfig
@@ -123,6 +126,7 @@ class Sequences(FileSource):
     position a training target, histories of the <= 50 most recent items."""
 
     name = "sequences"
+    preset = "small-seq"  # ~130k leave-one-out windows (Beauty): bigger batches, fewer epochs than ml-100k's 9k
     history_len = 50  # the public setups use 20 (TIGER) to 50 (S3-Rec); a DataConfig value
 
     def read(self, path: Path) -> Interactions:

@@ -49,3 +49,23 @@ def test_sequences_run_leave_one_out(tmp_path: Path):
     baselines = json.loads(out)
     assert baselines["popular"]["recall@10"] == pytest.approx(result["popular"]["recall@10"])  # same users, code
     assert baselines["ease"]["recall@10"] > baselines["popular"]["recall@10"]  # the ring is learnable
+
+
+def test_the_preset_is_chosen_from_the_data_and_recorded(tmp_path: Path):
+    """No --preset anywhere: prepare picks the source's (sequences: small-seq), records it, and tokenize and train
+    use it; --preset still overrides."""
+    data, run = tmp_path / "ring.txt", tmp_path / "run"
+    write_sequences(data, users=60)
+    for step in (("prepare", "--source", "sequences", "--path", data, "--out", run),
+                 ("tokenize", "--run", run, "--iters", "3"),
+                 ("train", "--run", run, "--epochs", "1")):
+        code, out, err = run_cli(*step)
+        assert code == 0, f"{step[0]}: {out}{err}"
+    for stage in ("prepare", "tokenize", "train"):
+        assert json.loads((run / f"{stage}.json").read_text())["preset"] == "small-seq", stage
+    trained = json.loads((run / "train.json").read_text())
+    assert trained["train"]["batch_size"] == 256 and trained["train"]["select"] == "ndcg@10"
+    assert "val_ndcg@10" in trained["history"][0]
+    code, out, err = run_cli("tokenize", "--run", run, "--preset", "tiny")
+    assert code == 0, err
+    assert json.loads((run / "tokenize.json").read_text())["preset"] == "tiny"

@@ -146,3 +146,24 @@ def test_onerec_triton_command_serves_until_sigterm(exported_repo, tmp_path):
     time.sleep(0.5)
     with pytest.raises(InferenceServerException):
         grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}").is_server_live()
+
+
+def test_ranked_next_items_export_serves_through_triton(tiny_run: Path, tmp_path: Path, reference):
+    """An export with --session-len 1 (what `small` serves): Triton's SESSION_SIDS is [R, 1, L], the R best next
+    items in score order, exactly the torch reference's one-item beam search."""
+    from tests.conftest import run_cli
+
+    repo = tmp_path / "ranked"
+    code, _, err = run_cli("export", "--run", tiny_run, "--out", repo, "--precision", "fp32", "--session-len", "1")
+    assert code == 0, err
+    catalog, histories, _ = reference
+    model = load_model(tiny_run / "model")
+    exclude = [catalog.trie.leaf_of(h) for h in histories[:2]]
+    want = generate(model, catalog.trie, histories[:2], BEAM, exclude=exclude, session_len=1)
+    with TritonServer(repo, tmp_path / "work", TritonPorts(*free_ports(3))) as triton:
+        for b in range(2):
+            sids, scores = infer(triton.grpc_url, histories[b])
+            assert sids.shape == (4, 1, 3)
+            np.testing.assert_array_equal(sids, want.sessions[b].numpy())
+            np.testing.assert_allclose(scores, want.scores[b].numpy(), atol=1e-4)
+            assert len(set(catalog.trie.leaf_of(sids[:, 0]).tolist())) == 4  # four distinct catalog items

@@ -43,7 +43,7 @@ def test_tiny_preset_report_numbers() -> None:
 
 def test_reconstruction_mse_matches_codebooks() -> None:
     x = clustered(101, 4, seed=1)
-    result = residual_quantize(x, TokenizerConfig(levels=2, codes=10, iters=5))
+    result = residual_quantize(x, TokenizerConfig(levels=2, codes=10, iters=5, unique=False))  # 101 > K^L = 100
     recon = sum(cb[result.sids[:, level]] for level, cb in enumerate(result.codebooks))
     expected = float(((x - recon).astype(np.float64) ** 2).sum(1).mean())
     assert result.report["levels"][-1]["reconstruction_mse"] == pytest.approx(expected, rel=1e-4)
@@ -61,7 +61,7 @@ def test_collision_stats_hand_worked() -> None:
 
 def test_same_config_same_sids() -> None:
     x = clustered(120, 6)
-    cfg = TokenizerConfig(levels=2, codes=6, iters=4, seed=3)
+    cfg = TokenizerConfig(levels=2, codes=6, iters=4, seed=3, unique=False)  # 120 items > K^L = 36: plain k-means
     np.testing.assert_array_equal(residual_quantize(x, cfg).sids, residual_quantize(x, cfg).sids)
 
 

@@ -183,7 +183,8 @@ def _counts(items: np.ndarray, video_ids: np.ndarray) -> np.ndarray:
 def train(run: RunDir, preset: str | None = None, epochs: int | None = None, lr: float | None = None,
           batch_size: int | None = None, seed: int | None = None, device: str | None = None, resume: bool = False,
           reuse: bool = False, progress: bool = False) -> Completed:
-    """Next-token training on the train sessions; keeps the best model by validation loss in RUN/model. The
+    """Next-token training on the train sessions; keeps the best epoch by the preset's `train.select` (validation
+    loss or the validation ranking) in RUN/model. The
     overrides replace the preset's training settings; `resume` continues from RUN/checkpoints/last."""
     from onerec.data.sessions import Sessions
     from onerec.data.sid import SidSessions

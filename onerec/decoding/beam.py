@@ -118,15 +118,6 @@ def full_candidates(num_codes: int, live: np.ndarray) -> Candidates:
     )
 
 
-def ban_items(cands: Candidates, used: np.ndarray, banned: np.ndarray) -> np.ndarray:
-    """At the last level: valid (B, W, C) minus leaves already in the beam's session (used (B, W, i)) and
-    leaves banned for the request (banned (B, U))."""
-    leaf = cands.nodes  # (B, W, C) leaf ids at the last level, -1 where invalid
-    rows = np.arange(leaf.shape[0])[:, None, None]
-    bad = banned[rows, np.maximum(leaf, 0)] | (leaf[..., None] == used[:, :, None, :]).any(axis=-1)
-    return cands.valid & ~bad
-
-
 def open_leaf_counts(trie: PrefixTrie, banned: np.ndarray) -> list[np.ndarray]:
     """Per level l = 0..L, counts[l] (B, n_l) int64: how many leaves under each level-l node request b may
     still take (not banned). counts[L] is the leaves themselves; children are contiguous in the CSR trie, so a
@@ -141,16 +132,17 @@ def open_leaf_counts(trie: PrefixTrie, banned: np.ndarray) -> list[np.ndarray]:
     return counts
 
 
-def ban_dead_ends(cands: Candidates, trie: PrefixTrie, level: int, used: np.ndarray,
+def ban_exhausted(cands: Candidates, trie: PrefixTrie, level: int, used: np.ndarray,
                   counts: list[np.ndarray]) -> np.ndarray:
-    """Below the last level: valid (B, W, C) minus children under which no leaf is left for the beam, i.e.
-    every leaf is banned for the request (counts) or already in the beam's session (used (B, W, i)).
+    """valid (B, W, C) minus the children under which no leaf is left for the beam: every leaf below is banned
+    for the request (counts, from `open_leaf_counts`) or already in the beam's session (used (B, W, i)).
 
-    Without it a beam can walk into a prefix whose leaves are all the user's history and die one level
-    later; with it every live beam can always finish its item, so the search returns sessions whenever the
-    catalog has session_len allowed leaves.
+    At the last level the child is the leaf itself, so this is the exclusion and no-repeat ban. Above it, it keeps
+    a beam out of a prefix whose leaves are all the user's history (it would die one level later): every live
+    beam can always finish its item, so the search returns sessions whenever the catalog has session_len
+    allowed leaves.
     """
-    child = cands.nodes  # (B, W, C) level-(level+1) nodes, -1 where invalid
+    child = cands.nodes  # (B, W, C) level-(level+1) nodes (leaf ids at the last level), -1 where invalid
     rows = np.arange(child.shape[0])[:, None, None]
     left = counts[level + 1][rows, np.maximum(child, 0)]  # (B, W, C)
     if used.shape[-1]:
@@ -270,8 +262,8 @@ def beam_search(
     Scoring: a sequence's score is the sum, over its generated codes, of the code's log-probability
     normalised over the trie children of its prefix (`normalised_log_probs`): only valid children are ever
     scored, never the whole codebook. The no-repeat and `exclude` bans remove candidates after normalising,
-    and so does the dead-end ban: above the last level a child is only taken if some leaf under it is still
-    allowed for the beam (`ban_dead_ends`), so beams never die on a prefix whose items are all excluded.
+    and so is any prefix with no allowed leaf left below it (`ban_exhausted`), so beams never die on a prefix
+    whose items are all excluded.
     Constraints: every item is a trie leaf (a real catalog SID), no leaf twice in a session, and no leaf of
     exclude[b] (leaf ids, optional per request) in request b's sessions.
     `constrained=False` is the unconstrained peer for benchmarks: every code is a candidate at every level,
@@ -287,7 +279,7 @@ def beam_search(
         raise ValueError("batch, session_len, beam_width and num_sessions must all be >= 1")
     B, W, K, L, m = batch, beam_width, trie.num_codes, trie.levels, session_len
     banned = exclusion_mask(exclude, B, trie.num_leaves)  # (B, U)
-    counts = open_leaf_counts(trie, banned) if constrained else []  # per level (B, n_l)
+    counts = open_leaf_counts(trie, banned) if constrained else []  # per level (B, n_l): leaves still allowed
     arange = torch.arange(W, device=device).expand(B, W)  # (B, W) identity reorder
     no_candidates = torch.zeros((1, 1, 1), dtype=torch.long, device=device)  # before a BOS position
 
@@ -310,11 +302,7 @@ def beam_search(
         live = ~torch.isneginf(scores).cpu().numpy()  # (B, W)
         if constrained:
             cands = trie_candidates(trie, level, beams.nodes, live)
-            used = beams.leaves[:, :, :item]  # (B, W, i)
-            if level < L - 1:
-                allowed = ban_dead_ends(cands, trie, level, used, counts)
-            else:
-                allowed = ban_items(cands, used, banned)
+            allowed = ban_exhausted(cands, trie, level, beams.leaves[:, :, :item], counts)
         else:
             cands = full_candidates(K, live)
             allowed = cands.valid

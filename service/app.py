@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from pydantic import BaseModel
 
+from service import schemas
 from service.edge import Admission, Edge
 from service.errors import install_handlers
 from service.metrics import Metrics
@@ -46,7 +49,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Edge, metrics=app.state.metrics, max_body=settings.max_body_bytes,
                        admission=app.state.admission)
     app.include_router(router)
+    app.openapi = lambda: exact_openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def exact_openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI, with the numbers of every component schema as pydantic wrote them.
+
+    FastAPI's OpenAPI model types `minimum`/`maximum` as float, so a video id's bound 2**63-1 was published as
+    9.223372036854776e+18 (= 2**63): a client reading the schema sent ids up to 2**63 + 1023, which the gateway
+    then refused. The bodies' own JSON schemas are exact, and their numbers replace the rounded ones."""
+    if app.openapi_schema is None:
+        document = FastAPI.openapi(app)
+        components = document.get("components", {}).get("schemas", {})
+        for name, published in components.items():
+            model = getattr(schemas, name, None)
+            if isinstance(model, type) and issubclass(model, BaseModel):
+                _restore_numbers(published, model.model_json_schema(ref_template="#/components/schemas/{model}"))
+        app.openapi_schema = document
+    return app.openapi_schema
+
+
+def _restore_numbers(published: Any, exact: Any) -> None:
+    """Walk both schemas in step; where FastAPI holds a float and pydantic the int it came from, take the int."""
+    if isinstance(published, dict) and isinstance(exact, dict):
+        for key, value in published.items():
+            original = exact.get(key)
+            if isinstance(value, float) and isinstance(original, int) and not isinstance(original, bool):
+                published[key] = original
+            else:
+                _restore_numbers(value, original)
+    elif isinstance(published, list) and isinstance(exact, list):
+        for value, original in zip(published, exact, strict=False):
+            _restore_numbers(value, original)
 
 
 def _route_labels(app: FastAPI) -> tuple[str, ...]:

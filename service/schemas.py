@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict
 
 SESSION_ITEMS = 5  # videos in every /recommend answer
 MAX_OVERRIDE_HISTORY = 1024  # longest `history` a caller may send (only the most recent history_len are used)
@@ -13,11 +13,25 @@ USER_ID_PATTERN = r"^[A-Za-z0-9_:.\-]{1,128}$"
 
 UserId = Annotated[str, Field(min_length=1, max_length=128, pattern=USER_ID_PATTERN,
                               description="1-128 characters of [A-Za-z0-9_:.-]", examples=["196"])]
-VideoId = Annotated[int, Field(ge=0, le=2**63 - 1, description="catalog video id")]
+MAX_VIDEO_ID = 2**63 - 1  # int64: what numpy, Redis and the catalog hold
+
+
+def _whole_number(value: object) -> object:
+    """JSON Schema's integer: `3.0` is the number 3 (draft 2020-12, which OpenAPI 3.1 uses), so it is read as 3."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Strict: a boolean, a string or a fractional number is not a video id (lax pydantic read `false` as 0, "3" as 3).
+VideoId = Annotated[int, Strict(), Field(ge=0, le=MAX_VIDEO_ID, description="catalog video id (int64, >= 0)"),
+                    BeforeValidator(_whole_number)]  # last, or pydantic drops ge/le from the JSON schema
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Request bodies: unknown fields and coerced types are 422s (strict: `1` is not a boolean, `196` no user id)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class RecommendRequest(_Strict):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -127,6 +129,22 @@ def test_override_history_equals_torch_reference(stack, catalog, test_histories,
         assert [item["video_id"] for item in body["items"]] == expected
 
 
+def test_int64_edge_video_id_end_to_end(stack, catalog, test_histories):
+    """2**63-1 is a valid id: stored exactly in Redis, read back, dropped as unknown to this catalog, not an error."""
+    edge = 2**63 - 1
+    watched = test_histories[5][:5][::-1]
+    status, body, _ = stack.post("/events", {"user_id": "it:edge", "video_ids": [*watched, edge]})
+    assert status == 200 and body["stored"] == 6, body
+    assert redis.Redis.from_url(stack.redis.url).lindex("onerec:history:it:edge", 0) == str(edge).encode()
+    status, body, _ = stack.post("/recommend", {"user_id": "it:edge"})
+    assert status == 200 and body["source"] == "model", body
+    five_distinct(body, catalog)
+    status, body, _ = stack.post("/recommend", {"user_id": "it:edge-override", "history": [edge, *watched]})
+    assert status == 200 and body["source"] == "model", body
+    status, body, _ = stack.post("/events", {"user_id": "it:edge", "video_ids": [edge + 1]})
+    assert status == 422 and body["field"] == "video_ids.0"
+
+
 def test_cold_start_user_gets_popular(stack, catalog):
     status, body, _ = stack.post("/recommend", {"user_id": "never-seen"})
     assert status == 200 and body["source"] == "popular" and body["fallback_reason"] == "cold_start"
@@ -204,3 +222,15 @@ def test_metrics_count_what_happened(stack):
                  '"redis_unavailable"}', 'onerec_gateway_stage_seconds_count{stage="triton"}'):
         assert line in text
     assert "onerec_gateway_invalid_sids_total 0.0" in text
+
+
+
+def test_schemathesis_all_checks_against_the_live_gateway(stack, tmp_path):
+    """As a new user would run it: `schemathesis run --checks all` on the live gateway (real Redis and Triton
+    behind), the negative-data-rejection and positive-data-acceptance checks included."""
+    command = [str(Path(sys.executable).with_name("schemathesis")), "run", stack.gateway.url + "/openapi.json",
+               "--checks", "all", "--max-examples", "15", "--seed", "1", "--generation-deterministic",
+               "--workers", "1", "--request-timeout", str(TRITON_TIMEOUT_S + 5), "--report-dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,  # noqa: S603
+                            env={**os.environ, "NO_COLOR": "1"})
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

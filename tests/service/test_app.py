@@ -162,6 +162,58 @@ def test_events_bad_input(gateway, body, field):
     assert response.json()["field"] == field
 
 
+@pytest.mark.parametrize("value", [False, True, 1.5, "3", None, [3], {"id": 3}, 2**63, -1])
+@pytest.mark.parametrize(("route", "field"), [("/events", "video_ids"), ("/recommend", "history")])
+def test_a_video_id_that_is_not_an_int64_is_422_naming_the_field(gateway, route, field, value):
+    """Strict ids: lax pydantic stored `false` as video 0 and "3" as 3; nothing reaches the store or the model."""
+    response = gateway.client.post(route, json={"user_id": "u1", field: [30, value]})
+    assert response.status_code == 422, response.text
+    error = response.json()
+    assert (error["code"], error["field"]) == ("invalid_field", f"{field}.1")
+    assert error["message"].startswith(f"{field}.1: ")
+    assert gateway.store.histories == {"u1": [30]} and gateway.model.calls == []
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"user_id": "u1", "exclude_seen": 1}, "exclude_seen"),
+    ({"user_id": "u1", "exclude_seen": "true"}, "exclude_seen"),
+    ({"user_id": 196}, "user_id"),
+])
+def test_other_fields_are_strict_too(gateway, body, field):
+    response = gateway.client.post("/recommend", json=body)
+    assert response.status_code == 422 and response.json()["field"] == field
+
+
+def test_a_whole_number_written_as_a_float_is_that_integer(gateway):
+    """JSON Schema (draft 2020-12, OpenAPI 3.1) reads 40.0 as the integer 40, so the schema admits it."""
+    assert gateway.client.post("/events", json={"user_id": "u1", "video_ids": [40.0]}).status_code == 200
+    assert gateway.store.histories["u1"] == [40, 30] and all(type(v) is int for v in gateway.store.histories["u1"])
+
+
+def test_the_int64_edge_is_accepted_and_stored_exactly(gateway):
+    edge = 2**63 - 1
+    response = gateway.client.post("/events", json={"user_id": "u1", "video_ids": [edge]})
+    assert response.status_code == 200, response.text
+    assert gateway.store.histories["u1"] == [edge, 30]
+    body = gateway.client.post("/recommend", json={"user_id": "u1"}).json()
+    assert body["source"] == "model" and len(set(videos(body))) == 5  # the unknown edge id is dropped, counted
+    assert gateway.metric("onerec_gateway_unknown_videos_total") == 1
+    body = gateway.client.post("/recommend", json={"user_id": "u2", "history": [edge, 30]}).json()
+    assert body["source"] == "model"
+
+
+def test_openapi_publishes_the_exact_int64_bound(gateway):
+    """FastAPI's OpenAPI model rounds integer bounds through float (2**63-1 became 9.223372036854776e+18 = 2**63,
+    and clients then sent ids above int64); the published schema carries pydantic's exact integers."""
+    text = gateway.client.get("/openapi.json").text
+    assert "e+18" not in text
+    components = gateway.client.get("/openapi.json").json()["components"]["schemas"]
+    item = components["EventsRequest"]["properties"]["video_ids"]["items"]
+    assert (item["minimum"], item["maximum"]) == (0, 2**63 - 1) and type(item["minimum"]) is int
+    history = components["RecommendRequest"]["properties"]["history"]["anyOf"][0]["items"]
+    assert history["maximum"] == 2**63 - 1
+
+
 def test_body_over_the_limit_is_413_with_or_without_content_length():
     gw = build_gateway(max_body_bytes=1024)
     big = '{"user_id": "u", "history": [' + ",".join(["1"] * 600) + "]}"

@@ -48,6 +48,16 @@ def sessions_to_videos(
     return Recommendation(video_ids=chosen, from_model=from_model, backfilled=len(chosen) - from_model)
 
 
+def fully_banned_leaves(catalog: Catalog, video_ids: Iterable[int]) -> np.ndarray:
+    """Trie leaves (k,) int64 every video of which is in `video_ids` (ids the catalog does not know are ignored).
+
+    These are the SIDs beam search may ban without losing an allowed video: a SID that several videos share stays
+    generable while one of them is allowed, and the mapping then picks that one."""
+    rows = catalog.rows_of(np.unique(np.fromiter(video_ids, dtype=np.int64)))
+    leaves, banned = np.unique(catalog.leaf_of_item[rows[rows >= 0]], return_counts=True)
+    return leaves[banned == np.diff(catalog.inverted_offsets)[leaves]]
+
+
 def _first_unused(videos: np.ndarray, banned: set[int]) -> int | None:
     for video in videos:
         if int(video) not in banned:

@@ -22,6 +22,7 @@ class Pinned:
     max_history: int
     matched: bool  # the catalog's content hash equals the served model config's `catalog_hash`
     problem: str | None = None
+    bans_in_beam: bool = False  # the served model takes BANNED_SIDS (else exclusions are only filtered)
 
 
 def load_version(model_dir: Path, version: str, expected_hash: str | None) -> Pinned:

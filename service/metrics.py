@@ -53,6 +53,15 @@ class Metrics:
         self.rejected = Counter("onerec_gateway_rejected", "Requests refused before work, by reason", ["reason"],
                                 registry=r)
         self.events_stored = Counter("onerec_gateway_events_stored", "Videos appended to histories", registry=r)
+        self.unknown_excluded = Counter("onerec_gateway_unknown_excluded_videos",
+                                        "Per-request `exclude` ids not in the served catalog (ignored)", registry=r)
+        self.blocklist_size = Gauge("onerec_gateway_blocklist_size", "Videos in the global blocklist (last read)",
+                                    multiprocess_mode="max", registry=r)
+        self.blocklist_stale = Gauge("onerec_gateway_blocklist_stale",
+                                     "1 while Redis does not answer and the last known blocklist is in force",
+                                     multiprocess_mode="livemax", registry=r)
+        self.blocklist_refresh_failures = Counter("onerec_gateway_blocklist_refresh_failures",
+                                                  "Blocklist reads Redis did not answer", registry=r)
         self.ready = Gauge("onerec_gateway_ready", "1 when Redis, Triton and the catalog are all ready",
                            multiprocess_mode="livemin", registry=r)
         self.breaker_open = Gauge("onerec_gateway_circuit_open", "1 while the Triton circuit breaker is open",

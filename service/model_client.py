@@ -47,6 +47,7 @@ class ServedModel:
 
     version: str
     catalog_hash: str
+    bans_in_beam: bool = False  # its config declares the optional BANNED_SIDS input (exported since issue 15)
 
 
 class CircuitBreaker:
@@ -105,11 +106,13 @@ class TritonModel:
         self.model_name, self.timeout = model_name, timeout
         self.beam_width, self.num_sessions, self.breaker = beam_width, num_sessions, breaker
 
-    async def infer(self, history_sids: np.ndarray, exclude_history: bool, request_id: str = "") -> ModelAnswer:
-        """Generate sessions for one history (n, L); ModelError(reason) on any failure."""
+    async def infer(self, history_sids: np.ndarray, exclude_history: bool, request_id: str = "",
+                    banned_sids: np.ndarray | None = None) -> ModelAnswer:
+        """Generate sessions for one history (n, L), never holding a SID of `banned_sids` (k, L);
+        ModelError(reason) on any failure."""
         if not self.breaker.allow():
             raise ModelError("circuit_open", "circuit open after repeated Triton failures")
-        inputs = _inputs(history_sids, self.beam_width, self.num_sessions, exclude_history)
+        inputs = _inputs(history_sids, self.beam_width, self.num_sessions, exclude_history, banned_sids)
         try:
             result = await self.client.infer(self.model_name, inputs, request_id=request_id,
                                              client_timeout=self.timeout)
@@ -138,7 +141,8 @@ class TritonModel:
         params = config.parameters
         if "model_version" not in params or "catalog_hash" not in params:
             raise ModelError("catalog_mismatch", "model config has no model_version/catalog_hash parameters")
-        return ServedModel(params["model_version"].string_value, params["catalog_hash"].string_value)
+        return ServedModel(params["model_version"].string_value, params["catalog_hash"].string_value,
+                           bans_in_beam=any(tensor.name == layout.IN_BANNED for tensor in config.input))
 
     async def ready(self) -> bool:
         try:
@@ -150,8 +154,8 @@ class TritonModel:
         await self.client.close()
 
 
-def _inputs(history_sids: np.ndarray, beam_width: int, num_sessions: int,
-            exclude_history: bool) -> list[grpcclient.InferInput]:
+def _inputs(history_sids: np.ndarray, beam_width: int, num_sessions: int, exclude_history: bool,
+            banned_sids: np.ndarray | None = None) -> list[grpcclient.InferInput]:
     history = np.ascontiguousarray(history_sids, dtype=np.int32)[None]  # (1, n, L)
     tensors = [
         (layout.IN_HISTORY, history, "INT32"),
@@ -159,6 +163,8 @@ def _inputs(history_sids: np.ndarray, beam_width: int, num_sessions: int,
         (layout.IN_NUM_SESSIONS, np.array([[num_sessions]], dtype=np.int32), "INT32"),
         (layout.IN_EXCLUDE, np.array([[exclude_history]], dtype=bool), "BOOL"),
     ]
+    if banned_sids is not None and len(banned_sids):  # optional: left out, the request is what it always was
+        tensors.append((layout.IN_BANNED, np.ascontiguousarray(banned_sids, dtype=np.int32)[None], "INT32"))
     inputs = []
     for name, array, dtype in tensors:
         tensor = grpcclient.InferInput(name, list(array.shape), dtype)

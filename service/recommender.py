@@ -1,6 +1,7 @@
 """POST /recommend's pipeline: Redis history -> SIDs -> Triton -> videos via the inverted index -> 5 items.
 
-Every failing dependency degrades to popular items with a reason; nothing here knows HTTP."""
+Every failing dependency degrades to popular items with a reason; nothing here knows HTTP. Excluded and blocked
+videos are banned inside the beam search (as SIDs) and filtered from every source: model, backfill, popular."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from onerec.recommend import sessions_to_videos
+from onerec.recommend import fully_banned_leaves, sessions_to_videos
 from service.catalog import Pinned
 from service.coverage import ServedItems
 from service.history import History, HistoryError
@@ -34,7 +35,19 @@ class HistoryStore(Protocol):
 
 
 class ModelClient(Protocol):
-    async def infer(self, history_sids: np.ndarray, exclude_history: bool, request_id: str = "") -> ModelAnswer: ...
+    async def infer(self, history_sids: np.ndarray, exclude_history: bool, request_id: str = "",
+                    banned_sids: np.ndarray | None = None) -> ModelAnswer: ...
+
+
+class BlockedVideos(Protocol):
+    async def current(self) -> frozenset[int]: ...
+
+
+class NoBlocklist:
+    """Nothing blocked (a Recommender built without the Redis blocklist)."""
+
+    async def current(self) -> frozenset[int]:
+        return frozenset()
 
 
 class NoCatalogError(Exception):
@@ -55,23 +68,28 @@ class Recommender:
 
     def __init__(self, store: HistoryStore, model: ModelClient, pinned: Callable[[], Pinned | None],
                  metrics: Metrics, history_len: int, on_version_change: Callable[[], Awaitable[None]] | None = None,
-                 served: ServedItems | None = None):
+                 served: ServedItems | None = None, blocklist: BlockedVideos | None = None,
+                 max_banned_sids: int = 16384):
         self.store, self.model, self.pinned, self.metrics = store, model, pinned, metrics
         self.served = served  # unique-items sketch (None: not tracked)
+        self.blocklist = blocklist or NoBlocklist()
+        self.max_banned_sids = max_banned_sids  # SIDs sent to the beam search per request
         self.history_len = history_len
         self.on_version_change = on_version_change
         self._resyncs: set[asyncio.Task] = set()
 
     async def recommend(self, user_id: str, exclude_seen: bool = True, history: list[int] | None = None,
-                        request_id: str = "") -> Outcome:
-        """The session for `user_id`; `history` (video ids, most recent first) overrides Redis when given."""
-        outcome = await self._recommend(user_id, exclude_seen, history, request_id)
+                        request_id: str = "", exclude: list[int] | None = None) -> Outcome:
+        """The session for `user_id`; `history` (video ids, most recent first) overrides Redis when given.
+        No video of `exclude` or of the blocklist is in the answer, whatever its source."""
+        outcome = await self._recommend(user_id, exclude_seen, history, request_id, exclude or [])
         if self.served is not None:
             self.served.record(outcome.video_ids)
         return outcome
 
     async def _recommend(self, user_id: str, exclude_seen: bool, history: list[int] | None,
-                         request_id: str) -> Outcome:
+                         request_id: str, exclude: list[int]) -> Outcome:
+        never = frozenset(exclude) | await self.blocklist.current()  # never in the answer, from any source
         videos: list[int] | None = history
         reason: str | None = None
         timings: dict[str, float] = {}
@@ -88,15 +106,31 @@ class Recommender:
         pin = self.pinned()
         if pin is None:
             raise NoCatalogError("no model version's catalog is loaded (is model_repo mounted?)")
+        if exclude:
+            self.metrics.unknown_excluded.inc(int((pin.catalog.rows_of(exclude) < 0).sum()))
         seen = videos or []
         if reason is None:
-            reason, answer = await self._generate(pin, seen, exclude_seen, request_id, timings)
+            reason, answer = await self._generate(pin, seen, exclude_seen, never, exclude, request_id, timings)
             if reason is None:
-                return self._map(pin, answer, seen if exclude_seen else [], timings)
-        return self._popular(pin, seen if exclude_seen else [], reason, timings)
+                never |= await self.blocklist.current()  # blocked while Triton answered: filtered all the same
+                return self._map(pin, answer, [*(seen if exclude_seen else []), *never], timings)
+        return self._popular(pin, seen if exclude_seen else [], never, reason, timings)
 
-    async def _generate(self, pin: Pinned, videos: list[int], exclude_seen: bool,
-                        request_id: str, timings: dict[str, float]) -> tuple[str | None, ModelAnswer | None]:
+    def _banned_sids(self, pin: Pinned, never: frozenset[int], exclude: list[int]) -> np.ndarray | None:
+        """The SIDs (k, L) of `never` for the beam search: only SIDs none of whose videos is allowed, the request's
+        own exclusions first when there are more than max_banned_sids (the rest are filtered after the search)."""
+        if not never or not pin.bans_in_beam:
+            return None
+        catalog = pin.catalog
+        leaves = fully_banned_leaves(catalog, never)  # (k,)
+        if len(leaves) > self.max_banned_sids:
+            requested = np.isin(leaves, catalog.leaves_of(exclude))
+            leaves = np.concatenate([leaves[requested], leaves[~requested]])[: self.max_banned_sids]
+        return catalog.unique_sids[leaves] if len(leaves) else None
+
+    async def _generate(self, pin: Pinned, videos: list[int], exclude_seen: bool, never: frozenset[int],
+                        exclude: list[int], request_id: str,
+                        timings: dict[str, float]) -> tuple[str | None, ModelAnswer | None]:
         """(fallback reason or None, the model's answer)."""
         window = videos[: self.history_len]
         known = pin.catalog.known_sids(window)  # (n', L) most recent first
@@ -108,9 +142,10 @@ class Recommender:
             return "cold_start", None
         if not pin.matched:
             return "catalog_mismatch", None
+        banned = self._banned_sids(pin, never, exclude)  # (k, L) or None
         try:
             with self._stage("triton", timings):
-                answer = await self.model.infer(known, exclude_seen, request_id)
+                answer = await self.model.infer(known, exclude_seen, request_id, banned)
         except ModelError as e:
             log.warning("triton: %s (%s); serving popular items", e.reason, e)
             return e.reason, None
@@ -143,12 +178,15 @@ class Recommender:
             self.metrics.recommendations.labels("model").inc()
         return Outcome(rec.video_ids, "model", pin.version, timings=timings)
 
-    def _popular(self, pin: Pinned, seen: list[int], reason: str, timings: dict[str, float]) -> Outcome:
+    def _popular(self, pin: Pinned, seen: list[int], never: frozenset[int], reason: str,
+                 timings: dict[str, float]) -> Outcome:
         self.metrics.fallbacks.labels(reason).inc()
         self.metrics.recommendations.labels("popular").inc()
-        videos = [int(v) for v in pin.catalog.most_popular(SESSION_ITEMS, exclude=seen)]
+        catalog = pin.catalog
+        videos = [int(v) for v in catalog.most_popular(SESSION_ITEMS, exclude=[*seen, *never])]
         if len(videos) < SESSION_ITEMS:  # the user has seen nearly the whole catalog: repeat rather than shrink
-            videos += [int(v) for v in pin.catalog.most_popular(SESSION_ITEMS) if v not in videos]
+            refill = catalog.most_popular(2 * SESSION_ITEMS, exclude=never)  # never an excluded or blocked one
+            videos += [int(v) for v in refill if v not in videos]
         return Outcome(videos[:SESSION_ITEMS], "popular", pin.version, reason, timings)
 
     @contextmanager

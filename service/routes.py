@@ -61,7 +61,8 @@ async def recommend(body: RecommendRequest, request: Request,
                     recommender: Annotated[Recommender, Depends(get_recommender)]) -> Response:
     request_id = request_id_of(request) or ""
     try:
-        outcome = await recommender.recommend(body.user_id, body.exclude_seen, body.history, request_id)
+        outcome = await recommender.recommend(body.user_id, body.exclude_seen, body.history, request_id,
+                                              body.exclude)
     except NoCatalogError as e:
         raise ApiError(503, "catalog_unavailable", str(e), headers={"Retry-After": "5"}) from e
     return _json(RecommendResponse(

@@ -9,6 +9,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict
 SESSION_ITEMS = 5  # videos in every /recommend answer
 MAX_OVERRIDE_HISTORY = 1024  # longest `history` a caller may send (only the most recent history_len are used)
 MAX_EVENT_VIDEOS = 256  # videos per /events call
+MAX_EXCLUDE = 1024  # videos a caller may exclude from one answer
 USER_ID_PATTERN = r"^[A-Za-z0-9_:.\-]{1,128}$"
 
 UserId = Annotated[str, Field(min_length=1, max_length=128, pattern=USER_ID_PATTERN,
@@ -41,6 +42,9 @@ class RecommendRequest(_Strict):
         None, max_length=MAX_OVERRIDE_HISTORY,
         description="override the Redis history: video ids, most recent first (testing, callers with their own "
                     "history store)")
+    exclude: list[VideoId] = Field(
+        default_factory=list, max_length=MAX_EXCLUDE,
+        description="videos this answer must not hold, from any source (ids the catalog does not know are ignored)")
 
 
 class Item(BaseModel):
@@ -50,7 +54,8 @@ class Item(BaseModel):
 
 class RecommendResponse(BaseModel):
     user_id: str
-    items: list[Item] = Field(description=f"exactly {SESSION_ITEMS} distinct videos")
+    items: list[Item] = Field(description=f"exactly {SESSION_ITEMS} distinct videos (fewer only when the catalog "
+                                          "holds fewer videos that are neither excluded nor blocked)")
     source: Literal["model", "popular"]
     model_version: str | None = Field(description="the Triton model version whose catalog mapped the answer")
     request_id: str

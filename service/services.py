@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from pathlib import Path
 
 from onerec.errors import UsageError
+from onerec.serving import layout
+from service.blocklist import Blocklist
 from service.catalog import Pinned, load_latest, load_version
 from service.coverage import ServedItems
 from service.history import RedisHistory, open_redis
@@ -45,7 +48,7 @@ class VersionPin:
                 return self.current is not None and self.current.matched
             cur = self.current
             if (cur is not None and cur.matched and cur.version == served.version
-                    and cur.catalog.content_hash == served.catalog_hash):
+                    and cur.catalog.content_hash == served.catalog_hash and cur.bans_in_beam == served.bans_in_beam):
                 return True
             try:
                 pinned = await asyncio.to_thread(load_version, self.model_dir, served.version, served.catalog_hash)
@@ -53,6 +56,11 @@ class VersionPin:
                 log.error("Triton serves version %s but its catalog cannot be read: %s", served.version, e)
                 self.metrics.catalog_mismatches.inc()
                 return False
+            pinned = dataclasses.replace(pinned, bans_in_beam=served.bans_in_beam)
+            if not served.bans_in_beam:
+                log.warning("version %s has no %s input (exported before it existed): excluded and blocked videos "
+                            "are filtered from its answers but not banned inside the beam search; re-export it",
+                            served.version, layout.IN_BANNED)
             self.current = pinned
             if pinned.matched:
                 log.info("pinned model version %s (catalog %s, %d items)", pinned.version,
@@ -78,13 +86,17 @@ class Services:
                                  settings.beam_width, settings.num_sessions, self.breaker)
         self.pin = VersionPin(Path(settings.model_repo) / settings.model_name, self.model, metrics)
         self.served = ServedItems(self.history.client, settings.served_prefix, settings.redis_timeout_s)
+        self.blocklist = Blocklist(self.history.client, settings.blocked_key, settings.blocklist_ttl_s,
+                                   settings.redis_timeout_s, metrics)
         self.recommender = Recommender(self.history, self.model, self.pin.pinned, metrics, settings.history_len,
-                                       on_version_change=self.pin.sync, served=self.served)
+                                       on_version_change=self.pin.sync, served=self.served,
+                                       blocklist=self.blocklist, max_banned_sids=settings.max_banned_sids)
         self._task: asyncio.Task | None = None
 
     async def open(self) -> Services:
         await self.pin.load_local()
         await self.pin.sync()
+        await self.blocklist.current()  # the first read before the first answer (a dead Redis is logged)
         self._task = asyncio.create_task(self._sync_loop(), name="onerec-version-sync")
         return self
 

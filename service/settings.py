@@ -22,6 +22,12 @@ class Settings(BaseSettings):
     history_len: int = Field(256, ge=1, le=4096, description="videos kept per user and read per request")
     redis_timeout_s: float = Field(0.25, gt=0, description="bound on each Redis command")
     served_prefix: str = Field("onerec:served:", description="per-minute HyperLogLog of the videos served")
+    # Global blocklist (DESIGN.md §4): SET of video ids never served; re-read at most every blocklist_ttl_s, so a
+    # blocked video is gone from every answer within blocklist_ttl_s + redis_timeout_s (the README promises 5 s).
+    blocked_key: str = Field("onerec:blocked", description="Redis SET of blocked video ids")
+    blocklist_ttl_s: float = Field(1.0, gt=0, le=2.0, description="how long a read of the blocklist is reused")
+    max_banned_sids: int = Field(16384, ge=0, description="excluded and blocked SIDs banned inside the beam search "
+                                 "per request (the rest are filtered from the answer)")
 
     # Triton model `onerec` and the repository its catalog is read from.
     triton_url: str = "127.0.0.1:8001"

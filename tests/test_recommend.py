@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from onerec.recommend import sessions_to_videos
+from onerec.recommend import fully_banned_leaves, sessions_to_videos
 from onerec.tokenizer.catalog import Catalog
 
 
@@ -32,3 +32,11 @@ def test_history_excluded_and_popular_fill():
     # (0,1) -> 10 since 20 was seen; then popular order 20, 60, 40, 10 ... skipping seen and chosen -> 40, 50
     assert rec.video_ids == [10, 40, 50]
     assert len(set(rec.video_ids)) == 3 and rec.from_model == 1
+
+
+def test_fully_banned_leaves_keep_a_shared_sid_while_one_of_its_videos_is_allowed():
+    cat = _catalog()
+    leaf = {tuple(s): i for i, s in enumerate(cat.unique_sids.tolist())}
+    assert fully_banned_leaves(cat, [20, 30, 999]).tolist() == [leaf[(1, 0)]]  # 10 still allowed under (0, 1)
+    assert sorted(fully_banned_leaves(cat, (10, 20, 30, 30)).tolist()) == sorted([leaf[(0, 1)], leaf[(1, 0)]])
+    assert fully_banned_leaves(cat, []).tolist() == []

@@ -84,8 +84,13 @@ class TritonPythonModel:
         beam = row_values(request, layout.IN_BEAM_WIDTH, np.int32, rows, layout.DEFAULT_BEAM_WIDTH)
         sessions = row_values(request, layout.IN_NUM_SESSIONS, np.int32, rows, layout.DEFAULT_NUM_SESSIONS)
         exclude = row_values(request, layout.IN_EXCLUDE, np.bool_, rows, True)
+        banned = input_array(request, layout.IN_BANNED, np.int32)  # (b, k, L) or None
+        if banned is not None and (banned.ndim != 3 or banned.shape[0] != rows):
+            raise ValueError(f"{layout.IN_BANNED}: expected shape [{rows}, k, L], got {list(banned.shape)}")
         return [
-            self.engine.query(history[r], int(beam[r]), int(sessions[r]), bool(exclude[r])) for r in range(rows)
+            self.engine.query(history[r], int(beam[r]), int(sessions[r]), bool(exclude[r]),
+                              None if banned is None else banned[r])
+            for r in range(rows)
         ]
 
     def finalize(self) -> None:

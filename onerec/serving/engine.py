@@ -155,6 +155,7 @@ class Query:
     beam_width: int = layout.DEFAULT_BEAM_WIDTH
     num_sessions: int = layout.DEFAULT_NUM_SESSIONS
     exclude_history: bool = True
+    banned: np.ndarray | None = None  # (k, L) int64 SIDs never generated (padding rows dropped)
 
 
 class Engine:
@@ -175,8 +176,11 @@ class Engine:
 
     def query(self, history: np.ndarray, beam_width: int = layout.DEFAULT_BEAM_WIDTH,
               num_sessions: int = layout.DEFAULT_NUM_SESSIONS,
-              exclude_history: bool = True) -> Query:
-        """Validate one request's values; ValueError names the Triton tensor at fault."""
+              exclude_history: bool = True, banned: np.ndarray | None = None) -> Query:
+        """Validate one request's values; ValueError names the Triton tensor at fault.
+
+        `banned` (k, L): SIDs the sessions must not hold, like the history when it is excluded; rows holding a -1
+        are padding and SIDs the catalog does not have are ignored (a video the served version does not know)."""
         history = np.asarray(history)
         L, K, n_max = self.cfg.levels, self.cfg.codes, self.cfg.history_len
         if history.ndim != 2 or history.shape[1] != L:
@@ -193,7 +197,24 @@ class Engine:
             raise ValueError(f"{layout.IN_BEAM_WIDTH}: {beam_width} is outside [1, {layout.MAX_BEAM_WIDTH}]")
         if num_sessions < 1:
             raise ValueError(f"{layout.IN_NUM_SESSIONS}: {num_sessions} must be >= 1")
-        return Query(history.astype(np.int64), int(beam_width), int(num_sessions), bool(exclude_history))
+        return Query(history.astype(np.int64), int(beam_width), int(num_sessions), bool(exclude_history),
+                     self._banned(banned))
+
+    def _banned(self, banned: np.ndarray | None) -> np.ndarray | None:
+        """BANNED_SIDS (k, L) checked: integer codes in [-1, K); the rows without a -1, or None when none is left."""
+        if banned is None:
+            return None
+        banned = np.asarray(banned)
+        L, K = self.cfg.levels, self.cfg.codes
+        if banned.ndim != 2 or banned.shape[1] != L:
+            raise ValueError(f"{layout.IN_BANNED}: expected shape [k, {L}], got {list(banned.shape)}")
+        if not np.issubdtype(banned.dtype, np.integer):
+            raise ValueError(f"{layout.IN_BANNED}: expected integer SIDs, got {banned.dtype}")
+        if banned.size and (banned.min() < -1 or banned.max() >= K):
+            raise ValueError(f"{layout.IN_BANNED}: codes must lie in [0, {K}) (-1 pads), got "
+                             f"[{banned.min()}, {banned.max()}]")
+        rows = banned[(banned >= 0).all(axis=1)].astype(np.int64)  # a -1 anywhere: padding (leaf_of needs codes)
+        return rows if len(rows) else None
 
     def generate(self, queries: Sequence[Query], cancelled: Callable[[], bool] | None = None,
                  constrained: bool = True) -> list[BeamResult]:
@@ -210,12 +231,17 @@ class Engine:
                                         batch.scores[row : row + 1, :r])
         return results  # type: ignore[return-value]
 
+    def banned_leaves(self, query: Query) -> np.ndarray | None:
+        """Leaf ids the query's sessions must not hold: its history (when excluded) and its banned SIDs."""
+        sids = [s for s in (query.history if query.exclude_history else None, query.banned) if s is not None]
+        return self.catalog.trie.leaf_of(np.concatenate(sids)) if sids else None  # -1: not in the catalog
+
     def decode(self, queries: Sequence[Query], width: int, cancelled: Callable[[], bool] | None,
                constrained: bool = True) -> BeamResult:
         """One batched beam search over queries sharing `width`."""
         history, mask = pad_histories([q.history for q in queries], self.cfg.history_len)  # (B, N, L), (B, N)
         trie = self.catalog.trie
-        exclude = [trie.leaf_of(q.history) if q.exclude_history else None for q in queries]
+        exclude = [self.banned_leaves(q) for q in queries]
         step = self.model.start(history.numpy(), mask.numpy(), width)
         return beam_search(
             step, trie, batch=len(queries), session_len=self.session_len, beam_width=width,

@@ -81,6 +81,7 @@ IN_HISTORY = "HISTORY_SIDS"  # INT32 [-1, L]
 IN_BEAM_WIDTH = "BEAM_WIDTH"  # INT32 [1], optional
 IN_NUM_SESSIONS = "NUM_SESSIONS"  # INT32 [1], optional
 IN_EXCLUDE = "EXCLUDE_HISTORY"  # BOOL [1], optional
+IN_BANNED = "BANNED_SIDS"  # INT32 [-1, L], optional: SIDs never generated (rows holding a -1 are padding)
 OUT_SESSIONS = "SESSION_SIDS"  # INT32 [R, m, L]
 OUT_SCORES = "SESSION_SCORES"  # FP32 [R]
 DEFAULT_BEAM_WIDTH = 128  # BEAM_WIDTH when the request leaves it out

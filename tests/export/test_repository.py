@@ -41,12 +41,16 @@ def test_config_parses_with_tritons_protobuf(exported_repo: Path):
     config = parse_config(exported_repo / "onerec" / "config.pbtxt")
     manifest = Manifest.load(exported_repo / "onerec" / "1")
     assert config.name == "onerec" and config.backend == "python" and config.max_batch_size == 16
-    assert [i.name for i in config.input] == ["HISTORY_SIDS", "BEAM_WIDTH", "NUM_SESSIONS", "EXCLUDE_HISTORY"]
+    assert [i.name for i in config.input] == ["HISTORY_SIDS", "BEAM_WIDTH", "NUM_SESSIONS", "EXCLUDE_HISTORY",
+                                              "BANNED_SIDS"]
     history = config.input[0]
     assert list(history.dims) == [-1, manifest.model["levels"]] and history.allow_ragged_batch
     assert history.data_type == model_config_pb2.TYPE_INT32
     assert all(i.optional for i in config.input[1:])
     assert config.input[3].data_type == model_config_pb2.TYPE_BOOL
+    banned = config.input[4]
+    assert list(banned.dims) == [-1, manifest.model["levels"]] and banned.allow_ragged_batch
+    assert banned.data_type == model_config_pb2.TYPE_INT32
     sids, scores = config.output
     assert (sids.name, list(sids.dims)) == ("SESSION_SIDS", [-1, manifest.model["session_len"], 3])
     assert (scores.name, scores.data_type) == ("SESSION_SCORES", model_config_pb2.TYPE_FP32)

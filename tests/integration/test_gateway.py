@@ -25,8 +25,10 @@ from stack.gateway import GatewayProcess
 from stack.probes import free_ports
 from stack.redis_server import RedisServer
 from stack.triton import TritonPorts, TritonServer
+from tests.conftest import run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
 BEAM = BeamConfig(beam_width=16, num_sessions=4)
 TRITON_TIMEOUT_S = 10.0
 
@@ -145,6 +147,76 @@ def test_int64_edge_video_id_end_to_end(stack, catalog, test_histories):
     assert status == 422 and body["field"] == "video_ids.0"
 
 
+def gateway_counter(stack, name: str) -> float:
+    with urllib.request.urlopen(stack.gateway.url + "/metrics") as response:  # noqa: S310
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
+
+
+def answer_until(stack, request: dict, done, what: str, limit_s: float = 5.0) -> list[int]:
+    """Ask again every 0.1 s until `done(videos)`; fails if that takes longer than `limit_s`."""
+    start = time.monotonic()
+    while True:
+        status, body, _ = stack.post("/recommend", request)
+        assert status == 200, body
+        videos = [item["video_id"] for item in body["items"]]
+        if done(videos):
+            return videos
+        assert time.monotonic() - start < limit_s, f"{what}: still {videos} after {limit_s} s"
+        time.sleep(0.1)
+
+
+def test_blocking_a_recommended_video_removes_it_within_5s_and_unblocking_brings_it_back(
+        stack, catalog, test_histories, tiny_run):
+    """The acceptance scenario: the model recommends v to a user; `onerec block v`; within 5 s no answer holds v
+    and the user still gets 5 distinct videos, all 5 from the model (v's SID is banned inside the beam search,
+    so the answer is torch's own search with v excluded); `onerec unblock v` brings the first answer back."""
+    history = test_histories[6]
+    client = redis.Redis.from_url(stack.redis.url)
+    client.delete("onerec:blocked", "onerec:history:it:block")
+    client.rpush("onerec:history:it:block", *history)  # most recent first
+    request = {"user_id": "it:block"}
+    status, body, _ = stack.post("/recommend", request)
+    assert status == 200 and body["source"] == "model", body
+    before = five_distinct(body, catalog)
+    video = before[0]
+    popular = int(catalog.most_popular(1, exclude=[video])[0])  # what a cold-start user is shown first
+    code, out, err = run_cli("block", video, popular, "--redis-url", stack.redis.url, "--json")
+    try:
+        assert code == 0 and json.loads(out)["blocked"] == [video, popular], err
+        blocked_answers(stack, catalog, tiny_run, history, request, video, popular)
+    finally:
+        code, _, err = run_cli("unblock", video, popular, "--redis-url", stack.redis.url)
+    assert code == 0, err
+    answer_until(stack, request, lambda videos: videos == before, "unblocked video not back")
+
+
+def blocked_answers(stack, catalog, tiny_run, history, request, video, popular) -> None:
+    """While `video` and `popular` are blocked: gone within 5 s, then answers equal to torch with both banned."""
+    answer_until(stack, request, lambda videos: video not in videos, "blocked video still served")
+    model = load_model(tiny_run / "model")
+    sids = catalog.known_sids(history)
+    banned = catalog.leaves_of([video, popular])
+    want = generate(model, catalog.trie, [sids], BEAM, exclude=[np.concatenate([catalog.trie.leaf_of(sids), banned])])
+    expected = sessions_to_videos(catalog, want.leaves[0].numpy(), exclude=[*history, video, popular], k=5).video_ids
+    for _ in range(5):
+        model_items = gateway_counter(stack, "onerec_gateway_model_items_total")
+        backfilled = gateway_counter(stack, "onerec_gateway_backfilled_items_total")
+        status, body, _ = stack.post("/recommend", request)
+        assert status == 200 and body["source"] == "model", body
+        assert five_distinct(body, catalog) == expected and video not in expected
+        assert gateway_counter(stack, "onerec_gateway_model_items_total") - model_items == 5
+        assert gateway_counter(stack, "onerec_gateway_backfilled_items_total") == backfilled
+    status, cold, _ = stack.post("/recommend", {"user_id": "it:block-cold"})
+    assert cold["source"] == "popular" and popular not in five_distinct(cold, catalog)
+    status, body, _ = stack.post("/recommend", {"user_id": "it:exclude", "history": history, "exclude": expected[:2]})
+    assert status == 200 and body["source"] == "model"
+    assert not set(five_distinct(body, catalog)) & {video, popular, *expected[:2]}
+    assert gateway_counter(stack, "onerec_gateway_blocklist_size") == 2
+
+
 def test_cold_start_user_gets_popular(stack, catalog):
     status, body, _ = stack.post("/recommend", {"user_id": "never-seen"})
     assert status == 200 and body["source"] == "popular" and body["fallback_reason"] == "cold_start"
@@ -228,9 +300,10 @@ def test_metrics_count_what_happened(stack):
 def test_schemathesis_all_checks_against_the_live_gateway(stack, tmp_path):
     """As a new user would run it: `schemathesis run --checks all` on the live gateway (real Redis and Triton
     behind), the negative-data-rejection and positive-data-acceptance checks included."""
-    command = [str(Path(sys.executable).with_name("schemathesis")), "run", stack.gateway.url + "/openapi.json",
-               "--checks", "all", "--max-examples", "15", "--seed", "1", "--generation-deterministic",
-               "--workers", "1", "--request-timeout", str(TRITON_TIMEOUT_S + 5), "--report-dir", str(tmp_path)]
+    command = [str(Path(sys.executable).with_name("schemathesis")), "--config-file", str(REPO / "schemathesis.toml"),
+               "run", stack.gateway.url + "/openapi.json", "--checks", "all", "--max-examples", "15", "--seed", "1",
+               "--generation-deterministic", "--workers", "1", "--request-timeout", str(TRITON_TIMEOUT_S + 5),
+               "--report-dir", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,  # noqa: S603
                             env={**os.environ, "NO_COLOR": "1"})
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

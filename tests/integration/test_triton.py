@@ -49,7 +49,8 @@ def reference(exported_repo: Path, tiny_run: Path):
     return engine.catalog, histories, result
 
 
-def infer(url: str, history: np.ndarray, beam: int = 16, sessions: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def infer(url: str, history: np.ndarray, beam: int = 16, sessions: int = 4,
+          banned: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     client = grpcclient.InferenceServerClient(url)
     inputs = [grpcclient.InferInput("HISTORY_SIDS", [1, *history.shape], "INT32"),
               grpcclient.InferInput("BEAM_WIDTH", [1, 1], "INT32"),
@@ -57,6 +58,9 @@ def infer(url: str, history: np.ndarray, beam: int = 16, sessions: int = 4) -> t
     inputs[0].set_data_from_numpy(history[None].astype(np.int32))
     inputs[1].set_data_from_numpy(np.array([[beam]], dtype=np.int32))
     inputs[2].set_data_from_numpy(np.array([[sessions]], dtype=np.int32))
+    if banned is not None:
+        inputs.append(grpcclient.InferInput("BANNED_SIDS", [1, *banned.shape], "INT32"))
+        inputs[-1].set_data_from_numpy(banned[None].astype(np.int32))
     result = client.infer("onerec", inputs, client_timeout=60)
     return result.as_numpy("SESSION_SIDS")[0], result.as_numpy("SESSION_SCORES")[0]  # (R, m, L), (R,)
 
@@ -77,7 +81,8 @@ def test_model_metadata_and_config_parameters(server, exported_repo):
     config = client.get_model_config("onerec").config
     assert config.parameters["catalog_hash"].string_value == Engine(exported_repo / "onerec" / "1").catalog.content_hash
     metadata = client.get_model_metadata("onerec")
-    assert {i.name for i in metadata.inputs} == {"HISTORY_SIDS", "BEAM_WIDTH", "NUM_SESSIONS", "EXCLUDE_HISTORY"}
+    assert {i.name for i in metadata.inputs} == {"HISTORY_SIDS", "BEAM_WIDTH", "NUM_SESSIONS", "EXCLUDE_HISTORY",
+                                                 "BANNED_SIDS"}
 
 
 def test_single_request_equals_torch_reference(server, reference):
@@ -105,6 +110,24 @@ def test_bad_request_fails_alone_among_concurrent_ones(server, reference):
     assert "HISTORY_SIDS" in str(err.value) and "INVALID_ARG" in str(err.value.status())
     for b, (sids, scores) in zip((1, 2, 3), good, strict=True):
         check_against_reference(catalog, sids, scores, want.sessions[b].numpy(), want.scores[b].numpy())
+
+
+def test_banned_sids_mixed_with_plain_requests_each_equal_torch_reference(server, reference, tiny_run: Path):
+    """Concurrent requests with and without the optional BANNED_SIDS (of different lengths) batched by Triton:
+    each answer is torch's beam search with its own bans excluded, and the plain ones are unchanged."""
+    catalog, histories, want = reference
+    model = load_model(tiny_run / "model")
+    bans = {b: want.sessions[b][0].numpy()[: b % 3 + 1] for b in (1, 3, 5)}  # 1..3 of each best session's items
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda b: infer(server.grpc_url, histories[b], banned=bans.get(b)), range(1, 7)))
+    for b, (sids, scores) in enumerate(answers, start=1):
+        if b not in bans:
+            check_against_reference(catalog, sids, scores, want.sessions[b].numpy(), want.scores[b].numpy())
+            continue
+        exclude = np.concatenate([catalog.trie.leaf_of(histories[b]), catalog.trie.leaf_of(bans[b])])
+        banned = generate(model, catalog.trie, [histories[b]], BEAM, exclude=[exclude])
+        check_against_reference(catalog, sids, scores, banned.sessions[0].numpy(), banned.scores[0].numpy())
+        assert not np.isin(catalog.trie.leaf_of(sids.reshape(-1, 3)), catalog.trie.leaf_of(bans[b])).any()
 
 
 def test_wrong_dtype_is_rejected_by_triton(server, reference):

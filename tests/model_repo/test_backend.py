@@ -44,8 +44,10 @@ def backend(backend_module, exported_repo: Path):
     return initialize(backend_module, exported_repo)
 
 
-def request(history, beam=None, sessions=None, exclude=None, cancelled=False, history_dtype=np.int32):
+def request(history, beam=None, sessions=None, exclude=None, cancelled=False, history_dtype=np.int32, banned=None):
     inputs = {"HISTORY_SIDS": np.asarray(history, dtype=history_dtype).reshape(-1, 3)[None]}
+    if banned is not None:
+        inputs["BANNED_SIDS"] = np.asarray(banned, dtype=np.int32).reshape(-1, 3)[None]
     if beam is not None:
         inputs["BEAM_WIDTH"] = np.array([[beam]], dtype=np.int32)
     if sessions is not None:
@@ -87,6 +89,12 @@ def test_one_good_request_returns_sessions(backend):
         (pb.InferenceRequest({"HISTORY_SIDS": np.zeros((3, 3), dtype=np.int32)}), "expected shape [batch, n, L]"),
         (pb.InferenceRequest({"HISTORY_SIDS": np.zeros((1, 2, 3), dtype=np.int32),
                               "BEAM_WIDTH": np.array([8], dtype=np.int32)}), "BEAM_WIDTH: expected shape [1, 1]"),
+        (request(GOOD, beam=8, banned=[[0, 1, 99]]), "BANNED_SIDS: codes must lie"),
+        (pb.InferenceRequest({"HISTORY_SIDS": np.zeros((1, 2, 3), dtype=np.int32),
+                              "BANNED_SIDS": np.zeros((2, 3), dtype=np.int32)}),
+         "BANNED_SIDS: expected shape [1, k, L]"),
+        (pb.InferenceRequest({"HISTORY_SIDS": np.zeros((1, 2, 3), dtype=np.int32),
+                              "BANNED_SIDS": np.zeros((1, 2, 3), dtype=np.int64)}), "BANNED_SIDS: expected int32"),
     ],
 )
 def test_a_bad_request_fails_alone_naming_the_tensor(backend, bad, needle):
@@ -117,6 +125,21 @@ def test_excluding_history_is_the_default(backend):
     sids_on, _ = outputs(backend.execute([request(history, beam=16)])[0])
     leaves = backend.engine.catalog.trie.leaf_of(sids_on[0].reshape(-1, 3))
     assert not np.isin(leaves, np.arange(6)).any()
+
+
+def test_banned_sids_are_never_generated_and_old_callers_are_unchanged(backend):
+    """The optional BANNED_SIDS: what the model liked best is gone when banned, padding rows are ignored, and a
+    request without the tensor answers exactly as before."""
+    trie = backend.engine.catalog.trie
+    before, _ = outputs(backend.execute([request(GOOD, beam=8, sessions=3)])[0])
+    best = before[0, 0]  # (m, L)
+    after, scores = outputs(backend.execute([request(GOOD, beam=8, sessions=3,
+                                                     banned=[*best.tolist(), [-1, -1, -1]])])[0])
+    leaves = trie.leaf_of(after[0].reshape(-1, 3))
+    assert np.all(leaves >= 0) and not np.isin(leaves, trie.leaf_of(best)).any()
+    assert not np.isneginf(scores).any()
+    empty, _ = outputs(backend.execute([request(GOOD, beam=8, sessions=3, banned=np.zeros((0, 3)))])[0])
+    np.testing.assert_array_equal(empty, before)
 
 
 def test_cancelled_requests_get_cancelled(backend):

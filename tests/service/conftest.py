@@ -14,7 +14,7 @@ from service.deps import get_history, get_readiness, get_recommender
 from service.recommender import Recommender
 from service.schemas import Readiness
 from service.settings import Settings
-from tests.service.fakes import FakeModel, FakeStore, pinned
+from tests.service.fakes import FakeBlocklist, FakeModel, FakeStore, pinned
 
 
 @dataclass
@@ -24,6 +24,7 @@ class Gateway:
     store: FakeStore
     model: FakeModel
     recommender: Recommender
+    blocklist: FakeBlocklist = field(default_factory=FakeBlocklist)
     version_changes: list[int] = field(default_factory=list)
 
     def metric(self, name: str, **labels: str) -> float:
@@ -46,7 +47,8 @@ def build_gateway(store: FakeStore | None = None, model: FakeModel | None = None
         gw.version_changes.append(1)
 
     gw.recommender = Recommender(store, model, lambda: current, app.state.metrics, cfg.history_len,
-                                 on_version_change=version_changed)
+                                 on_version_change=version_changed, blocklist=gw.blocklist,
+                                 max_banned_sids=cfg.max_banned_sids)
     ready = readiness or Readiness(ready=True, redis=True, triton=True, catalog=True, model_version="7")
     app.dependency_overrides[get_recommender] = lambda: gw.recommender
     app.dependency_overrides[get_history] = lambda: store

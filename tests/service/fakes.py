@@ -24,8 +24,8 @@ def catalog() -> Catalog:
     return Catalog.build(np.array(VIDEOS), np.array(SIDS), np.array(POPULARITY), num_codes=3)
 
 
-def pinned(matched: bool = True, version: str = "7", max_history: int = 4) -> Pinned:
-    return Pinned(version, catalog(), max_history, matched, None if matched else "hash differs")
+def pinned(matched: bool = True, version: str = "7", max_history: int = 4, bans_in_beam: bool = True) -> Pinned:
+    return Pinned(version, catalog(), max_history, matched, None if matched else "hash differs", bans_in_beam)
 
 
 class FakeStore:
@@ -57,12 +57,27 @@ class FakeModel:
                  gate: asyncio.Event | None = None):
         self.sessions, self.version, self.error, self.gate = sessions, version, error, gate
         self.calls: list[tuple[np.ndarray, bool]] = []
+        self.banned: list[np.ndarray | None] = []  # BANNED_SIDS of each call
 
-    async def infer(self, history_sids: np.ndarray, exclude_history: bool, request_id: str = "") -> ModelAnswer:
+    async def infer(self, history_sids: np.ndarray, exclude_history: bool, request_id: str = "",
+                    banned_sids: np.ndarray | None = None) -> ModelAnswer:
         self.calls.append((np.asarray(history_sids).copy(), exclude_history))
+        self.banned.append(None if banned_sids is None else np.asarray(banned_sids).copy())
         if self.gate is not None:
             await self.gate.wait()
         if self.error is not None:
             raise ModelError(self.error, f"scripted {self.error}")
         scores = -np.arange(len(self.sessions), dtype=np.float32)
         return ModelAnswer(self.sessions, scores, self.version)
+
+
+class FakeBlocklist:
+    """The blocked ids the Recommender reads (`ids` may change between calls, like operators' SADDs)."""
+
+    def __init__(self, ids: set[int] | None = None) -> None:
+        self.ids = set(ids or ())
+        self.reads = 0
+
+    async def current(self) -> frozenset[int]:
+        self.reads += 1
+        return frozenset(self.ids)

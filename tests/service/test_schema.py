@@ -3,14 +3,17 @@ documented status codes and bodies, schema-violating requests rejected and schem
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import schemathesis
 from hypothesis import HealthCheck, settings
 
 from tests.service.conftest import build_gateway
 from tests.service.fakes import FakeStore
 
+CONFIG = Path(__file__).resolve().parents[2] / "schemathesis.toml"  # what `schemathesis run` reads at the root
 gateway = build_gateway(store=FakeStore({"u1": [30]}))
-schema = schemathesis.openapi.from_asgi("/openapi.json", gateway.app)
+schema = schemathesis.openapi.from_asgi("/openapi.json", gateway.app, config=schemathesis.Config.from_path(CONFIG))
 schema.config.checks.update(included_check_names=["all"])  # `schemathesis run --checks all`
 
 
@@ -21,6 +24,7 @@ def test_every_check_is_enabled():
     config = schema.config.checks_config_for()
     assert {"negative_data_rejection", "positive_data_acceptance"} <= set(CHECKS.get_all_names())
     assert all(config.get_by_name(name=name).enabled for name in CHECKS.get_all_names())
+    assert "413" in config.negative_data_rejection.expected_statuses  # schemathesis.toml: over the size limit
 
 
 @schema.parametrize()

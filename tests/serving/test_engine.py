@@ -92,6 +92,41 @@ def test_first_position_runs_one_row_per_request(engine: Engine, users, monkeypa
     assert max(parent for _, parent in rows[2:]) > 0  # later steps really reorder
 
 
+def unknown_sid(engine: Engine) -> np.ndarray:
+    """A SID of valid codes that no catalog item has (L,)."""
+    K, L = engine.cfg.codes, engine.cfg.levels
+    every = np.stack(np.unravel_index(np.arange(K**L), (K,) * L), axis=1)  # (K^L, L)
+    return every[engine.catalog.trie.leaf_of(every) < 0][0]
+
+
+def test_banned_sids_equal_torch_reference_with_them_excluded(engine: Engine, users, tiny_run: Path):
+    """BANNED_SIDS joins the history in the beam's ban: the answer is torch's with both excluded, no banned SID is
+    generated, and the search still fills every session (no beam wasted on a banned item)."""
+    model = load_model(tiny_run / "model")
+    trie = engine.catalog.trie
+    plain = engine.generate([engine.query(h, BEAM.beam_width, BEAM.num_sessions) for h in users[:6]])
+    for history, before in zip(users[:6], plain, strict=True):
+        best = before.sessions[0, 0].numpy()  # (m, L): ban what the model liked best, plus padding and an unknown
+        unknown = unknown_sid(engine)[None]
+        banned = np.concatenate([best, [[-1] * best.shape[1]], unknown]).astype(np.int32)
+        (result,) = engine.generate([engine.query(history, BEAM.beam_width, BEAM.num_sessions, banned=banned)])
+        leaves = result.leaves[0].numpy()
+        assert np.all(leaves >= 0) and not np.isin(leaves, trie.leaf_of(best)).any()
+        exclude = np.concatenate([trie.leaf_of(history), trie.leaf_of(best)])
+        reference = generate(model, trie, [history], BEAM, exclude=[exclude])
+        assert torch.equal(result.sessions[0], reference.sessions[0])
+        assert not np.isneginf(result.scores[0].numpy()).any()
+
+
+def test_banned_sids_and_exclude_history_false_ban_only_the_banned(engine: Engine, users):
+    history = users[0]
+    (seen,) = engine.generate([engine.query(history, 8, 2, exclude_history=False, banned=history[:1])])
+    leaves = seen.leaves[0].numpy()
+    assert not np.isin(leaves, engine.catalog.trie.leaf_of(history[:1])).any()
+    query = engine.query(history, 8, 2, banned=np.full((3, history.shape[1]), -1))
+    assert query.banned is None  # padding only: nothing banned beyond the history
+
+
 def test_mixed_beam_widths_and_flags_equal_requests_alone(engine: Engine, users):
     queries = [engine.query(users[0], 8, 3), engine.query(users[1], 16, 5, exclude_history=False),
                engine.query(users[2], 8, 2)]
@@ -127,6 +162,10 @@ def test_fp16_best_session_equals_fp32_on_95_percent_of_test_users(tmp_path: Pat
         (np.array([[0, 1, 2]]), {"beam_width": 0}, "BEAM_WIDTH: 0 is outside [1, 1024]"),
         (np.array([[0, 1, 2]]), {"beam_width": 1025}, "BEAM_WIDTH: 1025"),
         (np.array([[0, 1, 2]]), {"num_sessions": 0}, "NUM_SESSIONS"),
+        (np.array([[0, 1, 2]]), {"banned": np.array([[0, 1]])}, "BANNED_SIDS: expected shape [k, 3]"),
+        (np.array([[0, 1, 2]]), {"banned": np.array([[0, 8, 1]])}, "BANNED_SIDS: codes must lie in [0, 8)"),
+        (np.array([[0, 1, 2]]), {"banned": np.array([[0, -2, 1]])}, "BANNED_SIDS: codes must lie"),
+        (np.array([[0, 1, 2]]), {"banned": np.array([[0.5, 1, 2]])}, "BANNED_SIDS: expected integer"),
     ],
 )
 def test_bad_queries_name_the_tensor(engine: Engine, history, kwargs, needle):

@@ -1,4 +1,4 @@
-"""`onerec up | down | status | recommend`: the local stack of one run."""
+"""`onerec up | down | recommend`: the local stack of one run (`onerec status` is in cli/rollout.py)."""
 
 from __future__ import annotations
 
@@ -85,15 +85,6 @@ def down(run_dir: RunOption, state_dir: StateOption = None) -> None:
 
     stopped = Stack(StackConfig(run=run_dir, state_dir=state_dir)).down()
     typer.echo(json.dumps(stopped) if stopped else "nothing running")
-
-
-@app.command()
-@user_errors
-def status(run_dir: RunOption, state_dir: StateOption = None) -> None:
-    """The stack of RUN as JSON: URLs, pids, which processes are alive, and the gateway's /readyz."""
-    from stack.local import Stack, StackConfig
-
-    typer.echo(json.dumps(Stack(StackConfig(run=run_dir, state_dir=state_dir)).status()))
 
 
 @app.command()

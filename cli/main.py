@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cli import baselines, blocklist, local, pipeline, serving
+from cli import baselines, blocklist, local, pipeline, rollout, serving
 
 app = typer.Typer(
     help="OneRec-style generative recommendation: build a run directory stage by stage.",
@@ -16,7 +16,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for group in (pipeline.app, baselines.app, serving.app, blocklist.app, local.app):  # in this order in `onerec --help`
+groups = (pipeline.app, baselines.app, serving.app, rollout.app, blocklist.app, local.app)  # `onerec --help`'s order
+for group in groups:
     app.registered_commands += group.registered_commands
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from string import Template
 
@@ -63,13 +65,55 @@ def served_session_len(serving: ServingConfig, preset: str, model_items: int) ->
     return wanted or model_items
 
 
-def render_config(manifest: layout.Manifest, serving: ServingConfig) -> str:
-    """config.pbtxt text from the committed template."""
+@dataclass(frozen=True)
+class RolloutState:
+    """`REPO/onerec/rollout.json`, the source of config.pbtxt's version policy and routing parameters: which
+    versions Triton loads, which one is primary, the canary and its share of users, the serving knobs, and the
+    primaries in the order they went live (what `onerec rollback` walks back)."""
+
+    primary: int
+    loaded: tuple[int, ...]  # every version of the config's version_policy, ascending
+    canary: int | None = None
+    canary_share: float = 0.0
+    history: tuple[int, ...] = ()  # primaries, oldest first; the last is `primary`
+    serving: ServingConfig = ServingConfig()
+
+    def as_json(self) -> dict:
+        return {"primary": self.primary, "loaded": list(self.loaded), "canary": self.canary,
+                "canary_share": self.canary_share, "history": list(self.history), "serving": asdict(self.serving)}
+
+    @classmethod
+    def load(cls, model_dir: Path) -> RolloutState | None:
+        """The state of `model_dir`, None when it has none (a repository exported before rollouts)."""
+        path = model_dir / layout.ROLLOUT_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            return cls(primary=int(data["primary"]), loaded=tuple(int(v) for v in data["loaded"]),
+                       canary=None if data.get("canary") is None else int(data["canary"]),
+                       canary_share=float(data.get("canary_share", 0.0)),
+                       history=tuple(int(v) for v in data.get("history", [data["primary"]])),
+                       serving=ServingConfig(**data.get("serving", {})))
+        except (ValueError, TypeError, KeyError) as e:
+            raise UsageError(f"{path}: not a valid rollout state ({e}); remove it and re-export") from e
+
+
+def render_config(manifest: layout.Manifest, serving: ServingConfig, state: RolloutState | None = None,
+                  hashes: dict[int, str] | None = None) -> str:
+    """config.pbtxt text from the committed template: `manifest` is the primary version's, `hashes` every loaded
+    version's catalog hash (default: the primary alone)."""
     if not CONFIG_TEMPLATE.is_file():
         raise UsageError(f"{CONFIG_TEMPLATE}: config template not found (incomplete checkout?)")
+    state = state or RolloutState(manifest.model_version, (manifest.model_version,), serving=serving)
+    hashes = hashes or {manifest.model_version: manifest.catalog_hash}
     use_gpu = serving.device == "cuda" or (serving.device == "auto" and manifest.precision == "fp16")
+    version_hashes = "".join(
+        f'\n  {{\n    key: "{layout.catalog_hash_param(v)}"\n    value: {{ string_value: "{hashes[v]}" }}\n  }},'
+        for v in state.loaded)
     return Template(CONFIG_TEMPLATE.read_text()).substitute(
         max_batch_size=serving.max_batch_size,
+        versions=", ".join(str(v) for v in state.loaded),
         levels=manifest.model["levels"],
         session_len=manifest.served_session_len,
         max_queue_delay_us=serving.max_queue_delay_us,
@@ -79,37 +123,108 @@ def render_config(manifest: layout.Manifest, serving: ServingConfig) -> str:
         instance_kind="KIND_GPU" if use_gpu else "KIND_CPU",
         catalog_hash=manifest.catalog_hash,
         model_version=manifest.model_version,
+        canary_version="" if state.canary is None else state.canary,
+        canary_share=f"{state.canary_share:g}" if state.canary is not None else "0",
+        version_hashes=version_hashes,
         device=serving.device,
         intra_op_threads=serving.intra_op_threads,
     )
 
 
+def write_config(model_dir: Path, state: RolloutState) -> None:
+    """Render config.pbtxt for `state` and write it and rollout.json, each through a temporary file and a rename.
+
+    UsageError when a loaded version is missing or cannot be served next to the primary (one config holds the
+    tensor shapes of every version: L and the session length must agree)."""
+    manifests = {v: layout.Manifest.load(model_dir / str(v)) for v in state.loaded}
+    primary = manifests[state.primary]
+    for version, manifest in manifests.items():
+        shape = (manifest.model["levels"], manifest.served_session_len)
+        if shape != (primary.model["levels"], primary.served_session_len):
+            raise UsageError(
+                f"version {version} (L={shape[0]}, session length {shape[1]}) cannot be served next to version "
+                f"{state.primary} (L={primary.model['levels']}, session length {primary.served_session_len}): "
+                "export it into a new repository")
+    text = render_config(primary, state.serving, state, {v: m.catalog_hash for v, m in manifests.items()})
+    _replace(model_dir / layout.ROLLOUT_FILE, json.dumps(state.as_json(), indent=2) + "\n")
+    _replace(model_dir / layout.CONFIG_FILE, text)
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def weights_hash(checkpoint: Path, precision: str) -> str:
+    """sha256 over the checkpoint's weights file and the precision: what decides the ONNX files' content."""
+    digest = hashlib.sha256(precision.encode())
+    with open(Path(checkpoint) / "model.safetensors", "rb") as weights:
+        for block in iter(lambda: weights.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shared_weights(model_dir: Path, wanted: str) -> Path | None:
+    """The newest version whose ONNX files were exported from the weights `wanted` hashes to (None: export)."""
+    for directory in layout.version_dirs(model_dir):
+        try:
+            manifest = layout.Manifest.load(directory)
+        except UsageError:
+            continue
+        if manifest.weights_hash == wanted and all((directory / f).is_file() for f in layout.WEIGHT_FILES):
+            return directory
+    return None
+
+
+def link_weights(source: Path, target: Path) -> None:
+    """Hard-link the ONNX files of `source` into `target` (a copy where the file system has no hard links)."""
+    for name in layout.WEIGHT_FILES:
+        try:
+            os.link(source / name, target / name)
+        except OSError:
+            shutil.copy2(source / name, target / name)
+
+
 def write_version(
-    model: OneRecModel,
+    model: OneRecModel | None,
     catalog: Catalog,
     repo: Path,
     precision: str,
     preset: str,
     source: str,
     serving: ServingConfig | None = None,
+    weights: str = "",
+    activate: bool = True,
 ) -> Path:
-    """Export `model` + `catalog` as the next version of `repo/onerec` and rewrite its config.pbtxt.
+    """Export `model` + `catalog` as the next version of `repo/onerec`; with `activate`, make it the only version
+    config.pbtxt loads (an offline export; `onerec deploy` activates through export/rollout.py instead).
 
-    The version is assembled in a hidden staging directory and renamed into place last, so Triton (which
-    polls or restarts) never sees half a version; config.pbtxt is replaced atomically afterwards.
+    The version is assembled in a hidden staging directory and renamed into place last, so Triton never sees half
+    a version; config.pbtxt is replaced atomically afterwards. When a version exported from the same `weights`
+    (see `weights_hash`) exists, its ONNX files are hard-linked instead of exported again, and `model` may be None.
     """
     serving = serving or ServingConfig()
     if not BACKEND.is_file():
         raise UsageError(f"{BACKEND}: backend adapter not found (incomplete checkout?)")
     model_dir = layout.model_dir(repo)
     model_dir.mkdir(parents=True, exist_ok=True)
+    share = shared_weights(model_dir, weights) if weights else None
+    if share is None and model is None:
+        raise ValueError("write_version: no model given and no version with the same weights to share")
     version = layout.next_version(model_dir)
     final = model_dir / str(version)
     staging = model_dir / f".staging-{version}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        export_graphs(model, staging, precision)
+        if share is not None:
+            link_weights(share, staging)
+            model_cfg = layout.Manifest.load(share).model
+            logger.info("weights unchanged since version %s: its ONNX files are shared (hard links)", share.name)
+        else:
+            export_graphs(model, staging, precision)
+            model_cfg = to_dict(model.cfg)
         catalog.save(staging)
         shutil.copy2(BACKEND, staging / layout.BACKEND_FILE)
         manifest = layout.Manifest(
@@ -118,39 +233,56 @@ def write_version(
             catalog_hash=catalog.content_hash,
             source_checkpoint=source,
             model_version=version,
-            model=to_dict(model.cfg),
+            model=model_cfg,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            session_len=served_session_len(serving, preset, model.cfg.session_len),
+            session_len=served_session_len(serving, preset, int(model_cfg["session_len"])),
+            weights_hash=weights,
         )
         manifest.save(staging)
         staging.rename(final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    config = model_dir / layout.CONFIG_FILE
-    tmp = config.with_suffix(".pbtxt.tmp")
-    tmp.write_text(render_config(manifest, serving))
-    tmp.replace(config)
+    if activate:
+        former = RolloutState.load(model_dir)
+        history = (*(former.history if former else ()), version)
+        write_config(model_dir, RolloutState(version, (version,), history=history, serving=serving))
     logger.info("wrote %s (version %d, %s, catalog %s)", final, version, precision, catalog.content_hash[:12])
     return final
 
 
-def export_run(run_dir: Path, repo: Path, precision: str = "auto", serving: ServingConfig | None = None,
-               checkpoint: Path | None = None) -> Path:
-    """The trained model (or another model directory of the run, e.g. an IPA iteration) and the catalog of a run
-    directory -> the next version of `repo`."""
+def load_export_inputs(run_dir: Path, checkpoint: Path | None, precision: str,
+                       model_dir: Path | None = None) -> tuple[OneRecModel | None, Catalog, str, str, str, str]:
+    """What `write_version` needs from a run: (model or None when `model_dir` already holds its weights, catalog,
+    resolved precision, preset, source checkpoint, weights hash). UsageError naming what is wrong."""
     run = RunDir(run_dir)
     run.require("train")
     source = Path(checkpoint) if checkpoint is not None else run.model
-    model = load_model(source)
+    if not (source / "model.safetensors").is_file():
+        raise UsageError(f"{source}: not a model directory (no model.safetensors)")
+    precision = resolve_precision(precision)
+    weights = weights_hash(source, precision)
     catalog = Catalog.load(run.catalog)
-    if catalog.num_codes != model.cfg.codes or catalog.levels != model.cfg.levels:
+    shared = shared_weights(model_dir, weights) if model_dir is not None else None
+    model = None if shared is not None else load_model(source)
+    cfg = model.cfg if model is not None else layout.Manifest.load(shared).model
+    codes, levels = (cfg.codes, cfg.levels) if model is not None else (cfg["codes"], cfg["levels"])
+    if catalog.num_codes != codes or catalog.levels != levels:
         raise UsageError(
             f"{run.catalog}: catalog has K={catalog.num_codes}, L={catalog.levels} but the model expects "
-            f"K={model.cfg.codes}, L={model.cfg.levels}"
+            f"K={codes}, L={levels}"
         )
     preset = run.read_marker("train").get("preset", "unknown")
-    return write_version(model, catalog, repo, resolve_precision(precision), preset, str(source.resolve()), serving)
+    return model, catalog, precision, preset, str(source.resolve()), weights
+
+
+def export_run(run_dir: Path, repo: Path, precision: str = "auto", serving: ServingConfig | None = None,
+               checkpoint: Path | None = None, activate: bool = True) -> Path:
+    """The trained model (or another model directory of the run, e.g. an IPA iteration) and the catalog of a run
+    directory -> the next version of `repo` (its ONNX files shared with a version of the same weights)."""
+    model, catalog, precision, preset, source, weights = load_export_inputs(
+        run_dir, checkpoint, precision, layout.model_dir(repo))
+    return write_version(model, catalog, repo, precision, preset, source, serving, weights, activate)
 
 
 def needs_export(run: RunDir, repo: Path, checkpoint: Path | None = None) -> str | None:

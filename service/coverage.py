@@ -16,7 +16,8 @@ KEY_TTL_S = 2 * 3600  # a minute's sketch outlives the window, then Redis drops 
 
 
 class ServedItems:
-    """PFADD the videos of every answer into `{prefix}{epoch minute}`; PFCOUNT the window's keys as one union.
+    """PFADD the videos of every answer into `{prefix}{model version}:{epoch minute}`; PFCOUNT the window's keys
+    as one union (per version, so that a canary's coverage compares with the primary's).
 
     HyperLogLog keeps the count shared across workers in 12 KiB per minute with ~0.8% standard error, where a
     per-video Prometheus label would be one series per catalog item. Failures are logged and never reach a request.
@@ -26,17 +27,18 @@ class ServedItems:
         self.client, self.prefix, self.timeout = client, prefix, timeout
         self._pending: set[asyncio.Task] = set()
 
-    def key(self, now: float) -> str:
-        return f"{self.prefix}{int(now // 60)}"
+    def key(self, now: float, version: str = "") -> str:
+        return f"{self.prefix}{version}:{int(now // 60)}"
 
-    def record(self, video_ids: list[int], now: float | None = None) -> None:
-        """Add the videos in the background (the answer does not wait for Redis)."""
-        task = asyncio.get_running_loop().create_task(self._add(video_ids, time.time() if now is None else now))
+    def record(self, video_ids: list[int], now: float | None = None, version: str = "") -> None:
+        """Add the videos answered by model `version` in the background (the answer does not wait for Redis)."""
+        task = asyncio.get_running_loop().create_task(
+            self._add(video_ids, time.time() if now is None else now, version))
         self._pending.add(task)  # the loop holds tasks only weakly
         task.add_done_callback(self._pending.discard)
 
-    async def _add(self, video_ids: list[int], now: float) -> None:
-        key = self.key(now)
+    async def _add(self, video_ids: list[int], now: float, version: str) -> None:
+        key = self.key(now, version)
         pipe = self.client.pipeline(transaction=False)
         pipe.pfadd(key, *video_ids)
         pipe.expire(key, KEY_TTL_S)
@@ -46,10 +48,10 @@ class ServedItems:
         except (TimeoutError, redis.RedisError, OSError) as e:
             log.debug("served-items sketch not updated: %s", e)
 
-    async def count(self, now: float | None = None, minutes: int = WINDOW_MINUTES) -> int | None:
-        """Distinct videos served in the last `minutes` (None when Redis does not answer)."""
-        minute = int((time.time() if now is None else now) // 60)
-        keys = [f"{self.prefix}{m}" for m in range(minute - minutes + 1, minute + 1)]
+    async def count(self, now: float | None = None, minutes: int = WINDOW_MINUTES, version: str = "") -> int | None:
+        """Distinct videos `version` served in the last `minutes` (None when Redis does not answer)."""
+        now = time.time() if now is None else now
+        keys = [self.key(60.0 * m, version) for m in range(int(now // 60) - minutes + 1, int(now // 60) + 1)]
         try:
             async with asyncio.timeout(self.timeout):
                 return int(await self.client.pfcount(*keys))

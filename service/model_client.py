@@ -43,11 +43,15 @@ class ModelAnswer:
 
 @dataclass(frozen=True)
 class ServedModel:
-    """What Triton serves: the version and the catalog hash from the model config's `parameters`."""
+    """What Triton serves, from the model config's `parameters`: the primary version and its catalog hash, and
+    the canary (a second loaded version) with its catalog hash and share of users."""
 
     version: str
     catalog_hash: str
     bans_in_beam: bool = False  # its config declares the optional BANNED_SIDS input (exported since issue 15)
+    canary_version: str | None = None  # None: every user on `version`
+    canary_catalog_hash: str = ""
+    canary_share: float = 0.0
 
 
 class CircuitBreaker:
@@ -92,6 +96,8 @@ def failure_reason(exc: InferenceServerException) -> str:
         return "triton_timeout"
     if "queue" in message or "RESOURCE_EXHAUSTED" in status:
         return "triton_overloaded"
+    if "version" in message and ("not ready" in message or "unknown" in message or "not found" in message):
+        return "version_unavailable"  # Triton is up but no longer holds the pinned version (a rollout moved on)
     if "UNAVAILABLE" in status or "connect" in message or "CANCELLED" in status:
         return "triton_unavailable"
     return "triton_error"
@@ -107,18 +113,18 @@ class TritonModel:
         self.beam_width, self.num_sessions, self.breaker = beam_width, num_sessions, breaker
 
     async def infer(self, history_sids: np.ndarray, exclude_history: bool, request_id: str = "",
-                    banned_sids: np.ndarray | None = None) -> ModelAnswer:
-        """Generate sessions for one history (n, L), never holding a SID of `banned_sids` (k, L);
-        ModelError(reason) on any failure."""
+                    banned_sids: np.ndarray | None = None, version: str = "") -> ModelAnswer:
+        """Generate sessions for one history (n, L) with model `version` (the one whose catalog maps the answer;
+        "" = Triton's choice), never holding a SID of `banned_sids` (k, L); ModelError(reason) on any failure."""
         if not self.breaker.allow():
             raise ModelError("circuit_open", "circuit open after repeated Triton failures")
         inputs = _inputs(history_sids, self.beam_width, self.num_sessions, exclude_history, banned_sids)
         try:
-            result = await self.client.infer(self.model_name, inputs, request_id=request_id,
+            result = await self.client.infer(self.model_name, inputs, model_version=version, request_id=request_id,
                                              client_timeout=self.timeout)
         except InferenceServerException as e:
             reason = failure_reason(e)
-            if reason == "triton_error":  # Triton answered (e.g. INVALID_ARG): alive, not a breaker failure
+            if reason in ("triton_error", "version_unavailable"):  # Triton answered: alive, not a breaker failure
                 self.breaker.success()
             else:
                 self.breaker.failure()
@@ -132,17 +138,37 @@ class TritonModel:
     async def served(self) -> ServedModel:
         """The served version and catalog hash (model config `parameters`); ModelError if not ready."""
         try:
-            ready = await self.client.is_model_ready(self.model_name, client_timeout=self.timeout)
-            if not ready:
-                raise ModelError("triton_unavailable", f"model {self.model_name} is not ready")
             config = (await self.client.get_model_config(self.model_name, client_timeout=self.timeout)).config
+            primary = config.parameters[layout.PARAM_VERSION].string_value \
+                if layout.PARAM_VERSION in config.parameters else ""
+            ready = await self.client.is_model_ready(self.model_name, primary, client_timeout=self.timeout)
+            if not ready:
+                raise ModelError("triton_unavailable", f"model {self.model_name} version {primary} is not ready")
         except InferenceServerException as e:
             raise ModelError(failure_reason(e), f"triton: {e.message()}") from e
-        params = config.parameters
-        if "model_version" not in params or "catalog_hash" not in params:
+        params = {key: value.string_value for key, value in config.parameters.items()}
+        if layout.PARAM_VERSION not in params or layout.PARAM_CATALOG_HASH not in params:
             raise ModelError("catalog_mismatch", "model config has no model_version/catalog_hash parameters")
-        return ServedModel(params["model_version"].string_value, params["catalog_hash"].string_value,
-                           bans_in_beam=any(tensor.name == layout.IN_BANNED for tensor in config.input))
+        version = params[layout.PARAM_VERSION]
+        canary = params.get(layout.PARAM_CANARY_VERSION) or None
+        try:
+            share = float(params.get(layout.PARAM_CANARY_SHARE) or 0.0)
+        except ValueError:
+            share = 0.0
+        if canary is not None and not (0.0 < share <= 1.0 and canary != version
+                                       and await self._version_ready(canary)):
+            canary = None  # no share, or not loaded (yet): every user on the primary
+        return ServedModel(version, params.get(layout.catalog_hash_param(version), params[layout.PARAM_CATALOG_HASH]),
+                           bans_in_beam=any(tensor.name == layout.IN_BANNED for tensor in config.input),
+                           canary_version=canary,
+                           canary_catalog_hash=params.get(layout.catalog_hash_param(canary), "") if canary else "",
+                           canary_share=share if canary else 0.0)
+
+    async def _version_ready(self, version: str) -> bool:
+        try:
+            return bool(await self.client.is_model_ready(self.model_name, version, client_timeout=self.timeout))
+        except InferenceServerException:
+            return False
 
     async def ready(self) -> bool:
         try:

@@ -36,7 +36,7 @@ class HistoryStore(Protocol):
 
 class ModelClient(Protocol):
     async def infer(self, history_sids: np.ndarray, exclude_history: bool, request_id: str = "",
-                    banned_sids: np.ndarray | None = None) -> ModelAnswer: ...
+                    banned_sids: np.ndarray | None = None, version: str = "") -> ModelAnswer: ...
 
 
 class BlockedVideos(Protocol):
@@ -64,9 +64,12 @@ class Outcome:
 
 
 class Recommender:
-    """Holds the store, the model client and the pinned catalog; `recommend` never raises for a dependency."""
+    """Holds the store, the model client and the pinned catalogs; `recommend` never raises for a dependency.
 
-    def __init__(self, store: HistoryStore, model: ModelClient, pinned: Callable[[], Pinned | None],
+    `pinned(user_id)` is the version that answers that user (the primary, or the canary for its share of users):
+    its catalog maps the history, Triton is asked for exactly that version, and its catalog maps the answer."""
+
+    def __init__(self, store: HistoryStore, model: ModelClient, pinned: Callable[[str], Pinned | None],
                  metrics: Metrics, history_len: int, on_version_change: Callable[[], Awaitable[None]] | None = None,
                  served: ServedItems | None = None, blocklist: BlockedVideos | None = None,
                  max_banned_sids: int = 16384):
@@ -82,9 +85,12 @@ class Recommender:
                         request_id: str = "", exclude: list[int] | None = None) -> Outcome:
         """The session for `user_id`; `history` (video ids, most recent first) overrides Redis when given.
         No video of `exclude` or of the blocklist is in the answer, whatever its source."""
+        start = time.perf_counter()
         outcome = await self._recommend(user_id, exclude_seen, history, request_id, exclude or [])
+        version = outcome.model_version or ""
+        self.metrics.recommend_seconds.labels(version).observe(time.perf_counter() - start)
         if self.served is not None:
-            self.served.record(outcome.video_ids)
+            self.served.record(outcome.video_ids, version=version)
         return outcome
 
     async def _recommend(self, user_id: str, exclude_seen: bool, history: list[int] | None,
@@ -95,19 +101,22 @@ class Recommender:
         timings: dict[str, float] = {}
         if videos is None:
             try:
-                with self._stage("redis", timings):
-                    stored = await self.store.recent(user_id)
+                start = time.perf_counter()
+                stored = await self.store.recent(user_id)
+                timings["redis"] = time.perf_counter() - start  # observed below, once the version is known
                 videos = stored.video_ids
-                if stored.malformed:
-                    self.metrics.unknown_videos.inc(stored.malformed)
             except HistoryError as e:
                 log.warning("user %s: history unavailable (%s); serving popular items", user_id, e)
                 reason = "redis_unavailable"
-        pin = self.pinned()
+        pin = self.pinned(user_id)
         if pin is None:
             raise NoCatalogError("no model version's catalog is loaded (is model_repo mounted?)")
+        if "redis" in timings:
+            self.metrics.stage_seconds.labels("redis", pin.version).observe(timings["redis"])
+            if stored.malformed:
+                self.metrics.unknown_videos.labels(pin.version).inc(stored.malformed)
         if exclude:
-            self.metrics.unknown_excluded.inc(int((pin.catalog.rows_of(exclude) < 0).sum()))
+            self.metrics.unknown_excluded.labels(pin.version).inc(int((pin.catalog.rows_of(exclude) < 0).sum()))
         seen = videos or []
         if reason is None:
             reason, answer = await self._generate(pin, seen, exclude_seen, never, exclude, request_id, timings)
@@ -135,53 +144,59 @@ class Recommender:
         window = videos[: self.history_len]
         known = pin.catalog.known_sids(window)  # (n', L) most recent first
         if len(known) < len(window):
-            self.metrics.unknown_videos.inc(len(window) - len(known))
+            self.metrics.unknown_videos.labels(pin.version).inc(len(window) - len(known))
         known = known[: pin.max_history]
-        self.metrics.history_length.observe(len(known))
+        self.metrics.history_length.labels(pin.version).observe(len(known))
         if len(known) == 0:
             return "cold_start", None
         if not pin.matched:
             return "catalog_mismatch", None
         banned = self._banned_sids(pin, never, exclude)  # (k, L) or None
         try:
-            with self._stage("triton", timings):
-                answer = await self.model.infer(known, exclude_seen, request_id, banned)
+            with self._stage("triton", timings, pin.version):
+                answer = await self.model.infer(known, exclude_seen, request_id, banned, pin.version)
         except ModelError as e:
             log.warning("triton: %s (%s); serving popular items", e.reason, e)
+            if e.reason == "version_unavailable":  # a rollout unloaded the pinned version: follow it
+                self._resync()
             return e.reason, None
         if answer.model_version != pin.version:
             log.warning("triton answered with version %s but the gateway pinned %s; re-syncing",
                         answer.model_version, pin.version)
             self.metrics.catalog_mismatches.inc()
-            if self.on_version_change is not None:  # keep a reference: the loop holds tasks only weakly
-                task = asyncio.get_running_loop().create_task(self.on_version_change())
-                self._resyncs.add(task)
-                task.add_done_callback(self._resyncs.discard)
+            self._resync()
             return "catalog_mismatch", None
         return None, answer
 
+    def _resync(self) -> None:
+        if self.on_version_change is not None:  # keep a reference: the loop holds tasks only weakly
+            task = asyncio.get_running_loop().create_task(self.on_version_change())
+            self._resyncs.add(task)
+            task.add_done_callback(self._resyncs.discard)
+
     def _map(self, pin: Pinned, answer: ModelAnswer, seen: list[int], timings: dict[str, float]) -> Outcome:
-        with self._stage("mapping", timings):
+        version = pin.version
+        with self._stage("mapping", timings, version):
             catalog = pin.catalog
             R, m, L = answer.sessions.shape
             leaves = catalog.trie.leaf_of(answer.sessions.reshape(R * m, L)).reshape(R, m)  # (R, m), -1 = invalid
             invalid = int((leaves < 0).sum())
             if invalid:
                 log.error("triton returned %d SIDs outside the catalog of version %s", invalid, pin.version)
-                self.metrics.invalid_sids.inc(invalid)
+                self.metrics.invalid_sids.labels(version).inc(invalid)
             rec = sessions_to_videos(catalog, leaves, exclude=seen, k=SESSION_ITEMS)
             best = leaves[0][leaves[0] >= 0]
             shared = np.diff(catalog.inverted_offsets)[best] > 1  # SIDs several videos share
-            self.metrics.collision_hits.inc(int(shared.sum()))
-            self.metrics.model_items.inc(rec.from_model)
-            self.metrics.backfilled_items.inc(rec.backfilled)
-            self.metrics.recommendations.labels("model").inc()
+            self.metrics.collision_hits.labels(version).inc(int(shared.sum()))
+            self.metrics.model_items.labels(version).inc(rec.from_model)
+            self.metrics.backfilled_items.labels(version).inc(rec.backfilled)
+            self.metrics.recommendations.labels("model", version).inc()
         return Outcome(rec.video_ids, "model", pin.version, timings=timings)
 
     def _popular(self, pin: Pinned, seen: list[int], never: frozenset[int], reason: str,
                  timings: dict[str, float]) -> Outcome:
-        self.metrics.fallbacks.labels(reason).inc()
-        self.metrics.recommendations.labels("popular").inc()
+        self.metrics.fallbacks.labels(reason, pin.version).inc()
+        self.metrics.recommendations.labels("popular", pin.version).inc()
         catalog = pin.catalog
         videos = [int(v) for v in catalog.most_popular(SESSION_ITEMS, exclude=[*seen, *never])]
         if len(videos) < SESSION_ITEMS:  # the user has seen nearly the whole catalog: repeat rather than shrink
@@ -190,10 +205,10 @@ class Recommender:
         return Outcome(videos[:SESSION_ITEMS], "popular", pin.version, reason, timings)
 
     @contextmanager
-    def _stage(self, stage: str, timings: dict[str, float]):
+    def _stage(self, stage: str, timings: dict[str, float], version: str):
         start = time.perf_counter()
         try:
             yield
         finally:
             timings[stage] = time.perf_counter() - start
-            self.metrics.stage_seconds.labels(stage).observe(timings[stage])
+            self.metrics.stage_seconds.labels(stage, version).observe(timings[stage])

@@ -11,6 +11,7 @@ from pathlib import Path
 from onerec.errors import UsageError
 from onerec.serving import layout
 from service.blocklist import Blocklist
+from service.canary import in_canary
 from service.catalog import Pinned, load_latest, load_version
 from service.coverage import ServedItems
 from service.history import RedisHistory, open_redis
@@ -24,11 +25,17 @@ log = logging.getLogger(__name__)
 
 
 class VersionPin:
-    """Keeps the catalog of the model version Triton serves; on a hash mismatch the gateway serves popular items."""
+    """The catalogs of the versions Triton serves: the primary and, during a canary, the candidate that a stable
+    share of users goes to. A version whose catalog does not match is never routed to: a mismatched primary
+    serves popular items, a mismatched canary sends its users back to the primary."""
 
     def __init__(self, model_dir: Path, model: TritonModel, metrics: Metrics) -> None:
-        self.model_dir, self.model, self.metrics = model_dir, model, metrics
-        self.current: Pinned | None = None
+        self.model_dir = model_dir
+        self.model = model
+        self.metrics = metrics
+        self.current: Pinned | None = None  # the primary
+        self.canary: Pinned | None = None  # the candidate (matched), None without a canary
+        self.canary_share = 0.0
         self._lock = asyncio.Lock()
 
     async def load_local(self) -> None:
@@ -39,39 +46,65 @@ class VersionPin:
                         self.model_dir)
 
     async def sync(self) -> bool:
-        """Ask Triton what it serves; load that version's catalog when it changed. True when pinned and matched."""
+        """Ask Triton what it serves; load the catalogs that changed. True when the primary is pinned and matched."""
         async with self._lock:
             try:
                 served = await self.model.served()
             except ModelError as e:
                 log.debug("version sync: %s", e)
                 return self.current is not None and self.current.matched
-            cur = self.current
-            if (cur is not None and cur.matched and cur.version == served.version
-                    and cur.catalog.content_hash == served.catalog_hash and cur.bans_in_beam == served.bans_in_beam):
-                return True
-            try:
-                pinned = await asyncio.to_thread(load_version, self.model_dir, served.version, served.catalog_hash)
-            except UsageError as e:
-                log.error("Triton serves version %s but its catalog cannot be read: %s", served.version, e)
-                self.metrics.catalog_mismatches.inc()
-                return False
-            pinned = dataclasses.replace(pinned, bans_in_beam=served.bans_in_beam)
-            if not served.bans_in_beam:
-                log.warning("version %s has no %s input (exported before it existed): excluded and blocked videos "
-                            "are filtered from its answers but not banned inside the beam search; re-export it",
-                            served.version, layout.IN_BANNED)
-            self.current = pinned
-            if pinned.matched:
-                log.info("pinned model version %s (catalog %s, %d items)", pinned.version,
-                         pinned.catalog.content_hash[:12], pinned.catalog.num_items)
-            else:
-                log.error("version %s: %s; serving popular items until it matches", pinned.version, pinned.problem)
-                self.metrics.catalog_mismatches.inc()
-            return pinned.matched
+            primary = await self._pin(self.current, served.version, served.catalog_hash, served.bans_in_beam)
+            if primary is not None:
+                self.current = primary
+            canary = None
+            if served.canary_version is not None:
+                canary = await self._pin(self.canary, served.canary_version, served.canary_catalog_hash,
+                                         served.bans_in_beam)
+                if canary is not None and not canary.matched:
+                    log.error("canary version %s: %s; its users stay on version %s", canary.version, canary.problem,
+                              served.version)
+                    canary = None
+            if canary is not None and (self.canary is None or self.canary.version != canary.version
+                                       or self.canary_share != served.canary_share):
+                log.info("canary: version %s for %.1f%% of users", canary.version, 100 * served.canary_share)
+            self.canary, self.canary_share = canary, served.canary_share if canary is not None else 0.0
+            return primary is not None and primary.matched
 
-    def pinned(self) -> Pinned | None:
+    async def _pin(self, held: Pinned | None, version: str, catalog_hash: str, bans: bool) -> Pinned | None:
+        """`held` when it already is this matched version, else that version's catalog read and checked (None
+        when it cannot be read)."""
+        if (held is not None and held.matched and held.version == version
+                and held.catalog.content_hash == catalog_hash and held.bans_in_beam == bans):
+            return held
+        try:
+            pinned = await asyncio.to_thread(load_version, self.model_dir, version, catalog_hash)
+        except UsageError as e:
+            log.error("Triton serves version %s but its catalog cannot be read: %s", version, e)
+            self.metrics.catalog_mismatches.inc()
+            return None
+        pinned = dataclasses.replace(pinned, bans_in_beam=bans)
+        if not bans:
+            log.warning("version %s has no %s input (exported before it existed): excluded and blocked videos "
+                        "are filtered from its answers but not banned inside the beam search; re-export it",
+                        version, layout.IN_BANNED)
+        if pinned.matched:
+            self.metrics.initialise_version(version)
+            log.info("pinned model version %s (catalog %s, %d items)", version, pinned.catalog.content_hash[:12],
+                     pinned.catalog.num_items)
+        else:
+            log.error("version %s: %s; serving popular items until it matches", version, pinned.problem)
+            self.metrics.catalog_mismatches.inc()
+        return pinned
+
+    def pinned(self, user_id: str = "") -> Pinned | None:
+        """The version that answers `user_id`: the canary for its share of users, else the primary."""
+        canary = self.canary
+        if canary is not None and user_id and in_canary(user_id, canary.version, self.canary_share):
+            return canary
         return self.current
+
+    def versions(self) -> list[Pinned]:
+        return [pin for pin in (self.current, self.canary) if pin is not None]
 
 
 class Services:
@@ -92,6 +125,7 @@ class Services:
                                        on_version_change=self.pin.sync, served=self.served,
                                        blocklist=self.blocklist, max_banned_sids=settings.max_banned_sids)
         self._task: asyncio.Task | None = None
+        self._gauge_versions: set[str] = set()  # the versions the per-version gauges are published for
 
     async def open(self) -> Services:
         await self.pin.load_local()
@@ -112,13 +146,23 @@ class Services:
             await asyncio.sleep(self.settings.sync_interval_s if matched else min(1.0, self.settings.sync_interval_s))
 
     async def _update_gauges(self) -> None:
-        """Catalog size and unique items served over the last hour (left as they were when Redis is down)."""
-        pin = self.pin.pinned()
-        if pin is not None:
-            self.metrics.catalog_items.set(pin.catalog.num_items)
-        unique = await self.served.count()
-        if unique is not None:
-            self.metrics.unique_items.labels("1h").set(unique)
+        """Per served version: catalog size, canary share and unique items served over the last hour (left as they
+        were when Redis is down); a version no longer served leaves these gauges."""
+        served = {pin.version: pin for pin in self.pin.versions()}
+        for gone in self._gauge_versions - set(served):
+            for gauge, labels in ((self.metrics.catalog_items, (gone,)), (self.metrics.canary_share, (gone,)),
+                                  (self.metrics.unique_items, ("1h", gone))):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*labels)
+        self._gauge_versions = set(served)
+        canary = self.pin.canary
+        for version, pin in served.items():
+            self.metrics.catalog_items.labels(version).set(pin.catalog.num_items)
+            share = self.pin.canary_share if canary is not None and canary.version == version else 0.0
+            self.metrics.canary_share.labels(version).set(share)
+            unique = await self.served.count(version=version)
+            if unique is not None:
+                self.metrics.unique_items.labels("1h", version).set(unique)
 
     async def readiness(self) -> Readiness:
         redis_ok, triton_ok = await asyncio.gather(self.history.ping(), self.model.ready())

@@ -8,7 +8,7 @@ from stack.triton import TritonPorts
 
 
 def triton_args(model_repo: str, host: str, workdir: str, ports: TritonPorts | None = None) -> list[str]:
-    """`onerec triton ...`: the real tritonserver on MODEL_REPO (--model-control-mode=none, strict readiness)."""
+    """`onerec triton ...`: the real tritonserver on MODEL_REPO (explicit model control, strict readiness)."""
     ports = ports or TritonPorts()
     return ["onerec", "triton", "--model-repo", model_repo, "--host", host, "--workdir", workdir,
             "--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics)]

@@ -82,7 +82,9 @@ def server_command(model_repo: Path, backends: Path, ports: TritonPorts, host: s
         str(wheel_root() / "bin" / "tritonserver"),
         f"--model-repository={model_repo}",
         f"--backend-directory={backends}",
-        "--model-control-mode=none",
+        # explicit: what Triton serves changes only when `onerec deploy|rollback|promote` call its repository API
+        "--model-control-mode=explicit",
+        f"--load-model={layout.MODEL_NAME}",
         "--strict-readiness=true",
         f"--exit-timeout-secs={exit_timeout}",
         f"--http-address={host}",

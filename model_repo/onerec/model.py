@@ -29,7 +29,8 @@ class TritonPythonModel:
         device = "cuda" if args.get("model_instance_kind") == "GPU" else "cpu"
         threads = int(params.get("intra_op_threads", "0") or 0)
         self.engine = Engine(version_dir, device=device, threads=threads)
-        expected = params.get("catalog_hash", "")
+        # one config serves every loaded version: each checks its own hash (`catalog_hash_<v>`, DESIGN.md §4)
+        expected = params.get(f"catalog_hash_{args['model_version']}", params.get("catalog_hash", ""))
         actual = self.engine.catalog.content_hash
         if expected != actual:
             message = (

@@ -16,9 +16,11 @@ from onerec.errors import UsageError
 MODEL_NAME = "onerec"  # the Triton model
 CONFIG_FILE = "config.pbtxt"  # REPO/onerec/config.pbtxt, rendered from the committed template by export
 BACKEND_FILE = "model.py"  # the Python-backend adapter, copied into every version
+MANIFEST_FILE = "manifest.json"
+ROLLOUT_FILE = "rollout.json"  # REPO/onerec/rollout.json: which versions are loaded, primary, canary (export/rollout)
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
-MANIFEST_FILE = "manifest.json"
+WEIGHT_FILES = (ENCODER_FILE, DECODER_FILE)  # what versions exported from the same weights share (hard links)
 PRECISIONS = ("fp32", "fp16")
 
 # encoder.onnx: history -> the cross-attention K/V of every decoder layer, once per request.
@@ -54,6 +56,7 @@ class Manifest:
     model: dict[str, Any]  # the ModelConfig as a dict
     created: str
     session_len: int = 0  # items per served session (SESSION_SIDS' m); 0 = the model's m (older manifests)
+    weights_hash: str = ""  # sha256 of the checkpoint's weights + precision: equal -> the ONNX files are shared
 
     @property
     def served_session_len(self) -> int:
@@ -87,6 +90,17 @@ OUT_SCORES = "SESSION_SCORES"  # FP32 [R]
 DEFAULT_BEAM_WIDTH = 128  # BEAM_WIDTH when the request leaves it out
 DEFAULT_NUM_SESSIONS = 16  # NUM_SESSIONS when the request leaves it out
 MAX_BEAM_WIDTH = 1024
+# The model config's `parameters` the gateway routes by (DESIGN.md §4): the primary version and its catalog hash
+# (`model_version`, `catalog_hash`), every loaded version's hash, and the canary and its share of users.
+PARAM_VERSION = "model_version"
+PARAM_CATALOG_HASH = "catalog_hash"
+PARAM_CANARY_VERSION = "canary_version"  # "" = no canary
+PARAM_CANARY_SHARE = "canary_share"  # fraction of users in [0, 1], as text
+
+
+def catalog_hash_param(version: int | str) -> str:
+    """The parameter holding one loaded version's catalog hash (`catalog_hash_3`)."""
+    return f"{PARAM_CATALOG_HASH}_{version}"
 
 
 def model_dir(repo: Path, model: str = MODEL_NAME) -> Path:

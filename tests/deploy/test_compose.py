@@ -212,9 +212,9 @@ def test_triton_stops_after_draining(services: dict) -> None:
 
 
 def test_triton_server_flags() -> None:
-    """--model-control-mode=none reaches compose only through `onerec triton`: the flags it passes tritonserver."""
+    """Explicit model control reaches compose only through `onerec triton`: the flags it passes tritonserver."""
     command = server_command(Path(MODEL_REPO), Path(TRITON_WORKDIR) / "backends", TritonPorts(), "0.0.0.0")
-    assert "--model-control-mode=none" in command
+    assert "--model-control-mode=explicit" in command and "--load-model=onerec" in command
     assert f"--exit-timeout-secs={EXIT_TIMEOUT_S}" in command
     assert f"--model-repository={MODEL_REPO}" in command
 

@@ -28,8 +28,10 @@ class Gateway:
     version_changes: list[int] = field(default_factory=list)
 
     def metric(self, name: str, **labels: str) -> float:
-        value = self.app.state.metrics.registry.get_sample_value(name, labels or None)
-        return 0.0 if value is None else value
+        """The sum of the samples `name` whose labels include `labels` (e.g. every model_version's)."""
+        return sum(sample.value for family in self.app.state.metrics.registry.collect()
+                   for sample in family.samples
+                   if sample.name == name and labels.items() <= sample.labels.items())
 
 
 def build_gateway(store: FakeStore | None = None, model: FakeModel | None = None,
@@ -46,7 +48,7 @@ def build_gateway(store: FakeStore | None = None, model: FakeModel | None = None
     async def version_changed() -> None:
         gw.version_changes.append(1)
 
-    gw.recommender = Recommender(store, model, lambda: current, app.state.metrics, cfg.history_len,
+    gw.recommender = Recommender(store, model, lambda *_: current, app.state.metrics, cfg.history_len,
                                  on_version_change=version_changed, blocklist=gw.blocklist,
                                  max_banned_sids=cfg.max_banned_sids)
     ready = readiness or Readiness(ready=True, redis=True, triton=True, catalog=True, model_version="7")

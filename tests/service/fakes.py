@@ -58,10 +58,12 @@ class FakeModel:
         self.sessions, self.version, self.error, self.gate = sessions, version, error, gate
         self.calls: list[tuple[np.ndarray, bool]] = []
         self.banned: list[np.ndarray | None] = []  # BANNED_SIDS of each call
+        self.versions: list[str] = []  # the version each call asked for
 
     async def infer(self, history_sids: np.ndarray, exclude_history: bool, request_id: str = "",
-                    banned_sids: np.ndarray | None = None) -> ModelAnswer:
+                    banned_sids: np.ndarray | None = None, version: str = "") -> ModelAnswer:
         self.calls.append((np.asarray(history_sids).copy(), exclude_history))
+        self.versions.append(version)
         self.banned.append(None if banned_sids is None else np.asarray(banned_sids).copy())
         if self.gate is not None:
             await self.gate.wait()

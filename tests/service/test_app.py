@@ -314,13 +314,18 @@ def test_probes_and_metrics(gateway):
 
 
 def test_known_label_values_exist_at_zero_before_anything_happens():
-    """Dashboards rate() over these: every known reason, source and stage is exported from the start."""
-    text = build_gateway().client.get("/metrics").text
-    for series in ('onerec_gateway_fallbacks_total{reason="cold_start"} 0.0',
-                   'onerec_gateway_fallbacks_total{reason="circuit_open"} 0.0',
-                   'onerec_gateway_recommendations_total{source="model"} 0.0',
-                   'onerec_gateway_rejected_total{reason="body_too_large"} 0.0',
-                   'onerec_gateway_stage_seconds_count{stage="triton"} 0.0'):
+    """Dashboards rate() over these: every known reason, source and stage of a version is exported from the moment
+    the gateway pins it (the version pin calls initialise_version), the rejections from the start."""
+    gw = build_gateway()
+    assert 'onerec_gateway_rejected_total{reason="body_too_large"} 0.0' in gw.client.get("/metrics").text
+    gw.app.state.metrics.initialise_version("7")
+    text = gw.client.get("/metrics").text
+    for series in ('onerec_gateway_fallbacks_total{model_version="7",reason="cold_start"} 0.0',
+                   'onerec_gateway_fallbacks_total{model_version="7",reason="version_unavailable"} 0.0',
+                   'onerec_gateway_recommendations_total{model_version="7",source="model"} 0.0',
+                   'onerec_gateway_stage_seconds_count{model_version="7",stage="triton"} 0.0',
+                   'onerec_gateway_invalid_sids_total{model_version="7"} 0.0',
+                   'onerec_gateway_recommend_seconds_count{model_version="7"} 0.0'):
         assert series in text
 
 

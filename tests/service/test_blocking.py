@@ -94,8 +94,11 @@ def test_a_video_blocked_while_triton_answers_is_filtered_from_that_answer():
 
 
 def test_blocklist_metrics_exist_before_anything_happens():
-    text = build_gateway().client.get("/metrics").text
-    for series in ("onerec_gateway_unknown_excluded_videos_total 0.0", "onerec_gateway_blocklist_size 0.0",
+    gw = build_gateway()
+    gw.app.state.metrics.initialise_version("7")  # what pinning a version does
+    text = gw.client.get("/metrics").text
+    for series in ('onerec_gateway_unknown_excluded_videos_total{model_version="7"} 0.0',
+                   "onerec_gateway_blocklist_size 0.0",
                    "onerec_gateway_blocklist_stale 0.0", "onerec_gateway_blocklist_refresh_failures_total 0.0"):
         assert series in text
 
@@ -125,7 +128,7 @@ def test_no_excluded_or_blocked_video_in_any_answer(scenario, answer, history, e
                       error=scenario if scenario in ("triton_unavailable", "circuit_open") else None)
     store = FakeStore({"u": history}, down=scenario == "redis_down")
     pin = pinned(matched=scenario != "catalog_mismatch")
-    recommender = Recommender(store, model, lambda: pin, Metrics(), 256, blocklist=FakeBlocklist(blocked))
+    recommender = Recommender(store, model, lambda *_: pin, Metrics(), 256, blocklist=FakeBlocklist(blocked))
     user_history = [] if scenario == "cold_start" else history
     outcome = asyncio.run(recommender.recommend("u", exclude_seen, None if scenario == "redis_down" else user_history,
                                                 exclude=exclude))

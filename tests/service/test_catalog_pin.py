@@ -70,3 +70,26 @@ def test_sync_pins_the_served_version_and_counts_mismatches(model_dir):
 
     asyncio.run(scenario())
     assert metrics.registry.get_sample_value("onerec_gateway_catalog_mismatches_total") == 2  # other hash, unreadable 9
+
+
+def test_canary_users_get_the_candidate_and_a_mismatched_canary_sends_them_back(model_dir):
+    good = Manifest.load(model_dir / "1").catalog_hash
+    users = [f"user-{i}" for i in range(2000)]
+
+    async def scenario():
+        fake = ServedBy(ServedModel("1", good, canary_version="2", canary_catalog_hash=good, canary_share=0.2))
+        pin = VersionPin(model_dir, fake, Metrics())  # type: ignore[arg-type]
+        assert await pin.sync()
+        first = {user: pin.pinned(user).version for user in users}
+        assert set(first.values()) == {"1", "2"}
+        assert 0.17 < sum(v == "2" for v in first.values()) / len(users) < 0.23
+        assert {user: pin.pinned(user).version for user in users} == first  # the same user, the same version
+        assert pin.pinned().version == "1"  # no user id: the primary
+        assert [p.version for p in pin.versions()] == ["1", "2"]
+        fake.value = ServedModel("1", good, canary_version="2", canary_catalog_hash="f" * 64, canary_share=0.2)
+        assert await pin.sync()  # the primary is fine
+        assert {pin.pinned(user).version for user in users} == {"1"} and pin.canary is None
+        fake.value = ServedModel("2", good)  # promoted: everyone on 2
+        assert await pin.sync() and {pin.pinned(user).version for user in users} == {"2"}
+
+    asyncio.run(scenario())

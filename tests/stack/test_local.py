@@ -88,5 +88,5 @@ def test_cli_without_a_running_stack(tmp_path):
     assert run_cli("down", "--run", tmp_path)[:2] == (0, "nothing running\n")
     code, _, err = run_cli("recommend", "--run", tmp_path)
     assert code == 2 and "no stack running" in err
-    code, out, _ = run_cli("status", "--run", tmp_path)
+    code, out, _ = run_cli("status", "--run", tmp_path, "--json")
     assert code == 0 and json.loads(out)["running"] is False

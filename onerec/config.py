@@ -37,6 +37,9 @@ class TokenizerConfig:
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     unique: bool = True  # collision-free last level (onerec.tokenizer.unique): every item reachable (coverage 1.0)
+    # weight of the item attributes (brand/category ids the source has, e.g. Amazon's *_item2attributes.json) as
+    # pseudo-users in the PPMI-SVD embeddings; 0 = interactions only. Sources without attributes ignore it
+    attribute_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,15 @@ class ModelConfig:
     d_ff: int = 256  # encoder FFN and per-expert hidden size
     n_experts: int = 8  # decoder MoE experts
     top_k: int = 2  # experts per token
-    dropout: float = 0.1
+    dropout: float = 0.1  # embeddings and residual branches
+    # on the attention weights: off by default, it cost 17% of a CPU training step (the fused attention kernel
+    # cannot drop weights, so a (B, H, N, N) Bernoulli mask was drawn) and did not help (docs/QUALITY.md)
+    attn_dropout: float = 0.0
     aux_loss_coef: float = 0.01  # MoE load-balancing loss weight
+    # > 0: the encoder adds a per-item embedding to the history items' summed code embeddings, row
+    # `item_row(sid) % item_buckets` (onerec.model.onerec.item_rows). With item_buckets >= K^L every SID has
+    # its own row (as SASRec's item table); 0 = codes only (the paper's encoder input)
+    item_buckets: int = 0
 
     @property
     def decoder_len(self) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 
 from onerec.config import DataConfig, TokenizerConfig, from_dict, get_preset, save_json, to_dict
 from onerec.data.interactions import item_rows
-from onerec.data.sources import SourceOptions, get_source
+from onerec.data.sources import SourceOptions, get_source, item_attributes
 from onerec.errors import UsageError
 from onerec.runs import RunDir, staging_dir
 
@@ -125,6 +125,7 @@ def tokenize(run: RunDir, preset: str | None = None, codes: int | None = None, l
              reuse: bool = False, unique: bool | None = None) -> Completed:
     """Embed items (PPMI-SVD, or the `embeddings` .npy), balanced residual k-means -> SIDs, and write the catalog;
     `codes`/`levels`/`iters`/`device` override the preset's tokenizer settings."""
+    from onerec.data.attributes import load_item_attributes
     from onerec.data.embeddings import load_embeddings, ppmi_svd_embeddings
     from onerec.data.interactions import Interactions
     from onerec.tokenizer.catalog import Catalog
@@ -144,10 +145,17 @@ def tokenize(run: RunDir, preset: str | None = None, codes: int | None = None, l
         raise UsageError(f"{run.interactions}: empty catalog (no items)")
     if cfg.codes > len(video_ids):
         raise UsageError(f"--codes: K={cfg.codes} is larger than the item count N={len(video_ids)}")
+    attributes_file = None if embeddings is not None else item_attributes(run.read_marker("prepare"))
     if embeddings is not None:
         vectors = load_embeddings(embeddings, len(video_ids))
     else:
-        vectors = ppmi_svd_embeddings(train_interactions, video_ids, cfg.embedding_dim, seed=cfg.seed)
+        attributes = None
+        if attributes_file is not None and cfg.attribute_weight > 0:
+            attributes = load_item_attributes(attributes_file, video_ids)
+        else:
+            attributes_file = None
+        vectors = ppmi_svd_embeddings(train_interactions, video_ids, cfg.embedding_dim, seed=cfg.seed,
+                                      attributes=attributes, attribute_weight=cfg.attribute_weight)
     run.invalidate_from("tokenize")  # inputs are valid: from here the old catalog is being replaced
     np.save(run.embeddings, vectors)
     result = residual_quantize(vectors, cfg)
@@ -155,7 +163,8 @@ def tokenize(run: RunDir, preset: str | None = None, codes: int | None = None, l
     catalog = Catalog.build(video_ids, result.sids, popularity, cfg.codes)
     catalog.save(run.catalog)
     marker = {"preset": preset, "tokenizer": to_dict(cfg), "report": result.report,
-              "embeddings": str(embeddings) if embeddings else "ppmi-svd", "content_hash": catalog.content_hash}
+              "embeddings": str(embeddings) if embeddings else "ppmi-svd",
+              "attributes": str(attributes_file) if attributes_file else None, "content_hash": catalog.content_hash}
     run.complete("tokenize", marker)
     log.info("tokenize: %d items -> %d SIDs (collision rate %.4f, coverage %.4f), catalog %s", len(video_ids),
              catalog.num_leaves, result.report["collision_rate"], result.report["coverage"], catalog.content_hash[:12])

@@ -19,8 +19,10 @@ OVERSAMPLE = 16  # extra random columns in the randomized range finder (at least
 POWER_ITERS = 6  # power iterations of the randomized range finder
 
 
-def cooccurrence(interactions: Interactions, video_ids: np.ndarray) -> sp.csr_matrix:
-    """(N, N) float64 sparse X^T X with X the binary user x item matrix, diagonal removed."""
+def cooccurrence(interactions: Interactions, video_ids: np.ndarray,
+                 pseudo_users: sp.csr_matrix | None = None) -> sp.csr_matrix:
+    """(N, N) float64 sparse X^T X with X the binary user x item matrix, diagonal removed. `pseudo_users`
+    (P, N), e.g. weighted item attributes, are stacked under X as extra users."""
     n = len(video_ids)
     col = item_rows(video_ids, interactions.items)
     keep = col >= 0
@@ -29,6 +31,8 @@ def cooccurrence(interactions: Interactions, video_ids: np.ndarray) -> sp.csr_ma
     _, row = np.unique(interactions.users[keep], return_inverse=True)
     X = sp.csr_matrix((np.ones(int(keep.sum())), (row, col[keep])), shape=(int(row.max(initial=-1)) + 1, n))
     X.data[:] = 1.0  # repeated (user, item) pairs were summed; binarise
+    if pseudo_users is not None:
+        X = sp.vstack([X, pseudo_users]).tocsr()  # (U + P, N)
     C = (X.T @ X).tocsr()  # (N, N)
     C = (C - sp.diags(C.diagonal())).tocsr()
     C.eliminate_zeros()
@@ -85,7 +89,8 @@ def truncated_svd(M: sp.csr_matrix, k: int, seed: int) -> tuple[np.ndarray, np.n
 
 
 def ppmi_svd_embeddings(
-    interactions: Interactions, video_ids: np.ndarray, dim: int, seed: int = 0
+    interactions: Interactions, video_ids: np.ndarray, dim: int, seed: int = 0,
+    attributes: sp.csr_matrix | None = None, attribute_weight: float = 1.0,
 ) -> np.ndarray:
     """(N, k) float32 collaborative embeddings, row i for video_ids[i], L2-normalised; k = dim unless clamped.
 
@@ -93,14 +98,17 @@ def ppmi_svd_embeddings(
     Item-item co-occurrence within users' item sets (X^T X, diagonal removed) -> PPMI -> truncated SVD,
     rows = U * sqrt(S). Items absent from the interactions, or that never co-occur with another item, get
     zero rows. If dim exceeds the number of co-occurring items it is clamped, a warning is logged and
-    fewer columns are returned.
+    fewer columns are returned. `attributes` (A, N) binary (`onerec.data.attributes`) join the users as
+    pseudo-users weighted `attribute_weight`: items sharing a brand or category co-occur, so sparse items get
+    content neighbours (TIGER builds its SIDs from content for the same reason).
     """
     if dim < 1:
         raise UsageError(f"embedding_dim: must be >= 1, got {dim}")
     video_ids = np.asarray(video_ids, dtype=np.int64)
     if len(np.unique(video_ids)) != len(video_ids):
         raise ValueError("ppmi_svd_embeddings: video_ids must be unique")
-    M = ppmi(cooccurrence(interactions, video_ids))  # (N, N)
+    pseudo = None if attributes is None or attribute_weight <= 0 else attributes * attribute_weight
+    M = ppmi(cooccurrence(interactions, video_ids, pseudo))  # (N, N)
     active = np.flatnonzero(np.diff(M.indptr) > 0)  # (A,)
     M = M[active][:, active]  # (A, A)
     k = min(dim, len(active))

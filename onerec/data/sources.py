@@ -45,6 +45,10 @@ class Source(Protocol):
         """Item titles {video id: title} for a run prepared from this source (its prepare.json), else {}."""
         ...
 
+    def attributes(self, marker: dict[str, Any]) -> Path | None:
+        """The item-attribute file (`onerec.data.attributes`) of a run prepared from this source, or None."""
+        ...
+
     def data_config(self, base: DataConfig) -> DataConfig:
         """The preset's data settings adapted to this source (e.g. its evaluation protocol)."""
         ...
@@ -70,6 +74,9 @@ class FileSource:
 
     def titles(self, marker: dict[str, Any]) -> dict[int, str]:
         return {}
+
+    def attributes(self, marker: dict[str, Any]) -> Path | None:
+        return None
 
     def data_config(self, base: DataConfig) -> DataConfig:
         return base
@@ -116,6 +123,9 @@ class Synthetic:
     def titles(self, marker: dict[str, Any]) -> dict[int, str]:
         return {}
 
+    def attributes(self, marker: dict[str, Any]) -> Path | None:
+        return None
+
     def data_config(self, base: DataConfig) -> DataConfig:
         return base
 
@@ -133,6 +143,12 @@ class Sequences(FileSource):
         from onerec.data.sequences import load_sequences
 
         return load_sequences(path)
+
+    def attributes(self, marker: dict[str, Any]) -> Path | None:
+        """`Beauty_item2attributes.json` beside `Beauty.txt` (the S3-Rec release's brand/category ids), if there."""
+        path = Path(marker["path"])
+        sibling = path.with_name(f"{path.stem}_item2attributes.json")
+        return sibling if sibling.is_file() else None
 
     def data_config(self, base: DataConfig) -> DataConfig:
         return dataclasses.replace(base, protocol="leave_one_out", positive_rating=1.0, history_len=self.history_len,
@@ -160,6 +176,12 @@ def get_source(name: str) -> Source:
     if name not in SOURCES:
         raise UsageError(f"--source: unknown source {name!r}; known: {', '.join(SOURCES)}")
     return SOURCES[name]
+
+
+def item_attributes(prepare_marker: dict[str, Any]) -> Path | None:
+    """The item-attribute file of a prepared run's source, or None (a source without attributes)."""
+    source = SOURCES.get(prepare_marker.get("source", ""))
+    return source.attributes(prepare_marker) if source is not None else None
 
 
 def item_titles(prepare_marker: dict[str, Any]) -> dict[int, str]:

@@ -175,12 +175,13 @@ class LevelHeads(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Pre-LN encoder layer: self-attention with key padding bias, then dense GELU FFN."""
+    """Pre-LN encoder layer: self-attention with key padding bias, then dense GELU FFN. `dropout` is on the
+    residual branches, `attn_dropout` on the attention weights."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float) -> None:
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, attn_dropout: float = 0.0) -> None:
         super().__init__()
         self.ln_attn = nn.LayerNorm(d_model)
-        self.attn = SelfAttention(d_model, n_heads, dropout)
+        self.attn = SelfAttention(d_model, n_heads, attn_dropout)
         self.ln_ffn = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, d_ff)
         self.drop = nn.Dropout(dropout)
@@ -198,12 +199,12 @@ class DecoderLayer(nn.Module):
     this module does not depend on how experts are routed.
     """
 
-    def __init__(self, d_model: int, n_heads: int, ffn: nn.Module, dropout: float) -> None:
+    def __init__(self, d_model: int, n_heads: int, ffn: nn.Module, dropout: float, attn_dropout: float = 0.0) -> None:
         super().__init__()
         self.ln_self = nn.LayerNorm(d_model)
-        self.self_attn = SelfAttention(d_model, n_heads, dropout)
+        self.self_attn = SelfAttention(d_model, n_heads, attn_dropout)
         self.ln_cross = nn.LayerNorm(d_model)
-        self.cross_attn = CrossAttention(d_model, n_heads, dropout)
+        self.cross_attn = CrossAttention(d_model, n_heads, attn_dropout)
         self.ln_ffn = nn.LayerNorm(d_model)
         self.ffn = ffn
         self.drop = nn.Dropout(dropout)

@@ -47,6 +47,19 @@ class ModelOutput(NamedTuple):
     aux_loss: Tensor  # scalar MoE load-balancing loss, summed over decoder layers (unweighted)
 
 
+ITEM_HASH = 40503  # odd: with item_buckets a power of two >= K^L, row = flat * ITEM_HASH % buckets is a bijection
+ITEM_PRIME = 2_147_483_647  # flat SIDs are folded below 2^31 first, so the product never overflows int64
+
+
+def item_rows(sids: Tensor, cfg: ModelConfig) -> Tensor:
+    """sids (*, L) codes -> (*,) rows of the per-item table: the SID as one number in base K, folded and mixed
+    into [0, item_buckets). Integer arithmetic only, so it exports to ONNX as Mul/Add/Mod."""
+    flat = sids[..., 0]
+    for level in range(1, cfg.levels):
+        flat = (flat * cfg.codes + sids[..., level]) % ITEM_PRIME
+    return flat * ITEM_HASH % cfg.item_buckets
+
+
 class OneRecModel(nn.Module):
     """Encoder over the history items, MoE decoder over the session tokens, one output head per level.
 
@@ -54,7 +67,9 @@ class OneRecModel(nn.Module):
     True = real item. Every row needs at least one real item (an all-padded row attends to padding only and
     its outputs are meaningless). Padded entries may hold any value: they are zeroed before the lookup.
     An item's embedding is sum_l Emb_l[code_l] + PosEmb[n] (n = 0 for the most recent item); the L
-    per-level tables are stored as one (L*K, D) table with level offsets l*K.
+    per-level tables are stored as one (L*K, D) table with level offsets l*K. With cfg.item_buckets > 0 an
+    item's own row of a (item_buckets, D) table is added (`item_rows`): the SIDs still carry what items share,
+    the row what is particular to one item; rows start at zero, so a SID never seen in training adds nothing.
 
     Decoder sequence per session (paper eq. 3): [BOS, s1^1..s1^L, BOS, s2^1, .., sm^L], T = m*(L+1).
     The input at position p is BOS when p % (L+1) == 0, else the level (p % (L+1)) - 1 code of item
@@ -71,15 +86,17 @@ class OneRecModel(nn.Module):
         L, K, D = cfg.levels, cfg.codes, cfg.d_model
         self.bos_id = L * K
         self.item_emb = nn.Embedding(L * K, D)
+        self.item_table = nn.Embedding(cfg.item_buckets, D) if cfg.item_buckets > 0 else None
         self.enc_pos = nn.Embedding(cfg.history_len, D)
         self.encoder = nn.ModuleList(
-            EncoderLayer(D, cfg.n_heads, cfg.d_ff, cfg.dropout) for _ in range(cfg.encoder_layers)
+            EncoderLayer(D, cfg.n_heads, cfg.d_ff, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.encoder_layers)
         )
         self.enc_norm = nn.LayerNorm(D)
         self.token_emb = nn.Embedding(L * K + 1, D)
         self.dec_pos = nn.Embedding(cfg.decoder_len, D)
         self.decoder = nn.ModuleList(
-            DecoderLayer(D, cfg.n_heads, MoEFeedForward(D, cfg.d_ff, cfg.n_experts, cfg.top_k), cfg.dropout)
+            DecoderLayer(D, cfg.n_heads, MoEFeedForward(D, cfg.d_ff, cfg.n_experts, cfg.top_k), cfg.dropout,
+                         cfg.attn_dropout)
             for _ in range(cfg.decoder_layers)
         )
         self.dec_norm = nn.LayerNorm(D)
@@ -106,6 +123,8 @@ class OneRecModel(nn.Module):
             elif isinstance(module, LevelHeads):
                 nn.init.normal_(module.weight, std=INIT_STD)
                 nn.init.zeros_(module.bias)
+        if self.item_table is not None:  # zero: an item never trained on adds nothing to its codes
+            nn.init.zeros_(self.item_table.weight)
 
     # ---- encoder -------------------------------------------------------------------------------------
 
@@ -113,7 +132,10 @@ class OneRecModel(nn.Module):
         """history (B, N, L) long, mask (B, N) bool -> memory (B, N, D)."""
         codes = torch.where(mask.unsqueeze(-1), history, 0) + self.level_offsets  # (B, N, L) table rows
         positions = torch.arange(history.shape[1], device=history.device)  # (N,)
-        x = self.drop(self.item_emb(codes).sum(dim=-2) + self.enc_pos(positions))  # (B, N, D)
+        x = self.item_emb(codes).sum(dim=-2) + self.enc_pos(positions)  # (B, N, D)
+        if self.item_table is not None:
+            x = x + self.item_table(item_rows(torch.where(mask.unsqueeze(-1), history, 0), self.cfg))
+        x = self.drop(x)
         bias = padding_bias(mask, x.dtype)  # (B, 1, 1, N)
         for layer in self.encoder:
             x = layer(x, bias)

@@ -76,7 +76,7 @@ class PrefixTrie:
         nodes = np.asarray(nodes, dtype=np.int64)
         codes = np.asarray(codes, dtype=np.int64)
         out = np.full(nodes.shape, -1, dtype=np.int64)
-        ok = nodes >= 0
+        ok = (nodes >= 0) & (codes >= 0) & (codes < self.num_codes)  # else node*K + code names another node's child
         keys = self.keys[level]
         query = nodes[ok] * self.num_codes + codes[ok]
         pos = np.searchsorted(keys, query)

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +142,17 @@ def test_reshape_with_a_constant_copy_zero_is_refused():
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [shape])
     with pytest.raises(ValueError, match="copy-zero"):
         torch_reshape_semantics(helper.make_model(graph))
+
+
+@torch.no_grad()
+def test_encoder_with_an_item_table_exports_and_equals_torch(tmp_path):
+    cfg = dataclasses.replace(CFG, item_buckets=CFG.codes**CFG.levels)
+    torch.manual_seed(3)
+    model = OneRecModel(cfg).eval()
+    torch.nn.init.normal_(model.item_table.weight)  # trained-like rows: the lookup must pick the right ones
+    export_graphs(model, tmp_path, "fp32")
+    onnx_model = OnnxModel(tmp_path, cfg, "fp32", device="cpu")
+    history, mask = histories(4)
+    cross = onnx_model.encode(history.numpy(), mask.numpy())
+    k, _ = model.decoder[0].cross_attn.project_kv(model.encode(history, mask))
+    np.testing.assert_allclose(cross["past_key_values.0.encoder.key"].numpy(), k.numpy(), atol=1e-5)

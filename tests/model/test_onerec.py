@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from onerec.config import PRESETS, ModelConfig
 from onerec.errors import UsageError
-from onerec.model.onerec import DecodeState, OneRecModel, count_parameters, load_model, save_model
+from onerec.model.onerec import DecodeState, OneRecModel, count_parameters, item_rows, load_model, save_model
 
 CFG: ModelConfig = PRESETS["tiny"].model
 L, K, M = CFG.levels, CFG.codes, CFG.session_len
@@ -285,3 +285,44 @@ def test_candidate_logits_equal_gathered_full_logits(shape) -> None:
         part, state = model.decode_step(tokens, state, candidates=candidates)
         assert part.shape == (2, 4, shape[-1])
         torch.testing.assert_close(part, gather_candidates(full, candidates), rtol=1e-5, atol=1e-6)
+
+
+def test_item_rows_are_the_sid_in_base_k_mixed_and_a_bijection_when_buckets_cover_k_to_the_l() -> None:
+    cfg = dataclasses.replace(CFG, item_buckets=K**L)  # tiny: K=8, L=3 -> 512 rows
+    # (1, 2, 3) is 1*64 + 2*8 + 3 = 83 in base 8; 83 * 40503 % 512 = 469 (worked by hand)
+    assert int(item_rows(torch.tensor([1, 2, 3]), cfg)) == 469
+    every = torch.cartesian_prod(*[torch.arange(K)] * L)  # (K^L, L) every SID
+    assert torch.unique(item_rows(every, cfg)).numel() == K**L  # one row per SID, no collision
+    small = dataclasses.replace(cfg, item_buckets=100)
+    rows = item_rows(every, small)
+    assert int(rows.min()) >= 0 and int(rows.max()) < 100
+
+
+@torch.no_grad()
+def test_item_table_starts_at_zero_and_then_changes_only_histories_holding_its_item() -> None:
+    with_table = make_model(item_buckets=K**L)
+    plain = OneRecModel(CFG).eval()
+    missing, unexpected = plain.load_state_dict(with_table.state_dict(), strict=False)
+    assert not missing and unexpected == ["item_table.weight"]
+    history, mask = make_history([5, 3], n=5, seed=21)  # garbage in the padding must not index the table
+    torch.testing.assert_close(with_table.encode(history, mask), plain.encode(history, mask), rtol=0, atol=0)
+    # one item's row set: a history holding that item changes, one without it does not
+    item = history[0, 0]
+    with_table.item_table.weight[item_rows(item, with_table.cfg)] = 1.0
+    other = history.clone()
+    other[1, :3] = torch.where((other[1, :3] == item).all(-1, keepdim=True), (item + 1) % K, other[1, :3])
+    changed = with_table.encode(history, mask)[0]
+    unchanged = with_table.encode(other, mask)[1]
+    assert not torch.allclose(changed, plain.encode(history, mask)[0])
+    torch.testing.assert_close(unchanged, plain.encode(other, mask)[1], rtol=0, atol=1e-6)
+
+
+def test_item_table_gets_gradients_only_on_the_rows_of_real_history_items() -> None:
+    model = make_model(item_buckets=K**L).train()
+    history, mask = make_history([4, 2], n=4, seed=31)
+    targets = make_targets((2,), seed=32)
+    out = model(history, mask, targets)
+    F.cross_entropy(out.logits.flatten(0, 2), targets.flatten()).backward()
+    touched = set(torch.nonzero(model.item_table.weight.grad.abs().sum(-1)).flatten().tolist())
+    real = set(item_rows(history[mask], model.cfg).tolist())
+    assert touched == real

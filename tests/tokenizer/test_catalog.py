@@ -52,6 +52,9 @@ def test_trie_matches_unique_sids() -> None:
     np.testing.assert_array_equal(trie.codes[1], [1, 2, 0])
     np.testing.assert_array_equal(trie.leaf_sids(), make().unique_sids)
     assert trie.leaf_of(np.array([[1, 2], [2, 1]])).tolist() == [1, -1]
+    # a code outside [0, K) is absent, not a neighbour's child: (2, -1) has the key 2*3 - 1 = 5 of (1, 2), and
+    # (1, 3) the key 6 of (2, 0)
+    assert trie.leaf_of(np.array([[2, -1], [1, 3], [-1, 2], [3, 0]])).tolist() == [-1, -1, -1, -1]
 
 
 def test_lookups_mark_unknown_videos() -> None:

@@ -50,7 +50,8 @@ def test_bad_attribute_files_name_the_file_and_the_problem(tmp_path: Path, paylo
 
 def _groups() -> Interactions:
     """Group A = 100-102 watched together by users 0-5, group B = 200-202 by users 6-11; 300 never watched."""
-    pairs = [(u, v) for u in range(6) for v in (100, 101, 102)] + [(u, v) for u in range(6, 12) for v in (200, 201, 202)]
+    pairs = [(u, v) for u in range(6) for v in (100, 101, 102)]
+    pairs += [(u, v) for u in range(6, 12) for v in (200, 201, 202)]
     users, items = zip(*pairs, strict=True)
     return Interactions(users=users, items=items, ratings=np.ones(len(pairs)), timestamps=np.arange(len(pairs)))
 

@@ -285,11 +285,20 @@ def export_run(run_dir: Path, repo: Path, precision: str = "auto", serving: Serv
     return write_version(model, catalog, repo, precision, preset, source, serving, weights, activate)
 
 
+def served_version(repo: Path) -> Path | None:
+    """The primary version's directory (rollout.json's, after a rollback not the newest), else the newest."""
+    latest = layout.latest_version(repo)
+    state = RolloutState.load(layout.model_dir(repo)) if latest is not None else None
+    if state is not None and (layout.model_dir(repo) / str(state.primary) / layout.MANIFEST_FILE).is_file():
+        return layout.model_dir(repo) / str(state.primary)
+    return latest
+
+
 def needs_export(run: RunDir, repo: Path, checkpoint: Path | None = None) -> str | None:
     """Why the run must be exported into `repo` first (None: its latest version already is this run's model, or
     `checkpoint`, another model directory of the run such as an IPA iteration)."""
     model = Path(checkpoint) if checkpoint is not None else run.model
-    latest = layout.latest_version(repo)
+    latest = served_version(repo)
     if latest is None:
         return f"{repo} holds no exported version"
     manifest = layout.Manifest.load(latest)

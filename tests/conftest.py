@@ -36,6 +36,26 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+def permuted_catalog_run(run: Path, out: Path, seed: int = 7) -> Path:
+    """A copy of `run` at `out` whose videos' SIDs are shuffled: the same model weights over another catalog (another
+    content hash), so a history gets another answer under each (the rollout tests deploy it)."""
+    import shutil
+
+    import numpy as np
+
+    from onerec.runs import RunDir
+    from onerec.tokenizer.catalog import Catalog
+
+    shutil.copytree(run, out)
+    catalog = Catalog.load(RunDir(out).catalog)
+    order = np.random.default_rng(seed).permutation(catalog.num_items)
+    shuffled = Catalog.build(catalog.video_ids, catalog.sids[order], catalog.popularity, catalog.num_codes)
+    assert shuffled.content_hash != catalog.content_hash
+    shutil.rmtree(RunDir(out).catalog)
+    shuffled.save(RunDir(out).catalog)
+    return out
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 

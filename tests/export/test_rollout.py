@@ -19,7 +19,7 @@ from onerec.errors import UsageError
 from onerec.serving import layout
 from onerec.tokenizer.catalog import Catalog
 from stack.probes import free_ports
-from tests.conftest import run_cli
+from tests.conftest import permuted_catalog_run, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -207,3 +207,15 @@ def test_offline_export_records_the_rollout(tmp_path, tiny_run):
     assert state is not None and (state.primary, state.loaded, state.history) == (2, (2,), (1, 2))
     assert repository.shared_weights(repo / "onerec", Catalog.read_hash(tiny_run / "catalog")) is None
     assert os.stat(repo / "onerec" / "1" / "decoder.onnx").st_nlink == 2  # the second export shared the weights
+
+
+def test_needs_export_looks_at_the_served_primary(live, tiny_run, tmp_path):
+    """After a deploy of another catalog and a rollback, the primary is the run's model again: no export."""
+    repo, triton = live
+    from export.repository import needs_export
+    from onerec.runs import RunDir
+
+    deploy(permuted_catalog_run(tiny_run, tmp_path / "permuted"), repo, triton)
+    assert needs_export(RunDir(tiny_run), repo) is not None  # version 2 (another catalog) is served
+    rollback(repo, triton)
+    assert needs_export(RunDir(tiny_run), repo) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,21 @@ class Stack:
             "ONEREC_NUM_SESSIONS": str(BEAM.num_sessions), "ONEREC_TRITON_TIMEOUT_S": str(TRITON_TIMEOUT_S),
             "ONEREC_BREAKER_RESET_S": "0.5", "ONEREC_SYNC_INTERVAL_S": "1"}, work / "gateway.log")
 
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Stack]:
+        """Redis, Triton, then the gateway; stopped in the reverse order, however the block ends."""
+        self.redis.start()
+        try:
+            self.triton.start()
+            try:
+                self.gateway.start()
+                yield self
+            finally:
+                self.gateway.stop()
+                self.triton.stop()
+        finally:
+            self.redis.stop()
+
     def restart_triton(self) -> None:
         self.triton = TritonServer(self.repo, self.work / "triton", self.triton_ports).start()
 
@@ -67,18 +84,8 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(exported_repo: Path, tmp_path_factory: pytest.TempPathFactory):
     s = Stack(exported_repo, tmp_path_factory.mktemp("gateway-stack"))
-    s.redis.start()
-    s.triton.start()
-    try:
-        s.gateway.start()
-    except RuntimeError:
-        s.triton.stop()
-        s.redis.stop()
-        raise
-    yield s
-    s.gateway.stop()
-    s.triton.stop()
-    s.redis.stop()
+    with s.running():
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -148,11 +155,13 @@ def test_int64_edge_video_id_end_to_end(stack, catalog, test_histories):
 
 
 def gateway_counter(stack, name: str) -> float:
+    """The sum of the gateway's samples `name` over every label set (e.g. every model_version)."""
     with urllib.request.urlopen(stack.gateway.url + "/metrics") as response:  # noqa: S310
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"{name} not exported")
+        values = [float(line.split()[-1]) for line in response.read().decode().splitlines()
+                  if line.startswith((name + " ", name + "{"))]
+    if not values:
+        raise AssertionError(f"{name} not exported")
+    return sum(values)
 
 
 def answer_until(stack, request: dict, done, what: str, limit_s: float = 5.0) -> list[int]:
@@ -290,10 +299,12 @@ def test_redis_stopped_events_503_and_nothing_acknowledged_is_lost(stack, catalo
 def test_metrics_count_what_happened(stack):
     with urllib.request.urlopen(stack.gateway.url + "/metrics") as response:  # noqa: S310
         text = response.read().decode()
-    for line in ('onerec_gateway_fallbacks_total{reason="cold_start"}', 'onerec_gateway_fallbacks_total{reason='
-                 '"redis_unavailable"}', 'onerec_gateway_stage_seconds_count{stage="triton"}'):
+    for line in ('onerec_gateway_fallbacks_total{model_version="1",reason="cold_start"}',
+                 'onerec_gateway_fallbacks_total{model_version="1",reason="redis_unavailable"}',
+                 'onerec_gateway_stage_seconds_count{model_version="1",stage="triton"}',
+                 'onerec_gateway_recommend_seconds_count{model_version="1"}'):
         assert line in text
-    assert "onerec_gateway_invalid_sids_total 0.0" in text
+    assert 'onerec_gateway_invalid_sids_total{model_version="1"} 0.0' in text
 
 
 

@@ -29,10 +29,12 @@ def backend_module():
     del sys.modules["triton_python_backend_utils"]
 
 
-def initialize(module, repo: Path, catalog_hash: str | None = None):
+def initialize(module, repo: Path, catalog_hash: str | None = None, **version_hashes: str):
     config = json.loads(json.dumps({"parameters": {}}))
     manifest = Manifest.load(repo / "onerec" / "1")
     config["parameters"]["catalog_hash"] = {"string_value": catalog_hash or manifest.catalog_hash}
+    for key, value in version_hashes.items():  # catalog_hash_<v>: one config serving several versions
+        config["parameters"][key] = {"string_value": value}
     model = module.TritonPythonModel()
     model.initialize({"model_config": json.dumps(config), "model_repository": str(repo / "onerec"),
                       "model_version": "1", "model_instance_kind": "CPU"})
@@ -180,6 +182,16 @@ def test_catalog_hash_mismatch_refuses_to_load_with_a_log_line(backend_module, e
         initialize(backend_module, repo, catalog_hash="f" * 64)
     level, text = pb.logs[-1]
     assert level == "error" and "refusing to load" in text and "f" * 12 in text
+
+
+def test_each_version_checks_its_own_catalog_hash(backend_module, exported_repo, tmp_path):
+    """With two versions loaded, `catalog_hash` is the primary's; version 1 checks `catalog_hash_1` first."""
+    repo = tmp_path / "repo"
+    shutil.copytree(exported_repo, repo)
+    good = Manifest.load(repo / "onerec" / "1").catalog_hash
+    assert initialize(backend_module, repo, catalog_hash="e" * 64, catalog_hash_1=good).engine is not None
+    with pytest.raises(RuntimeError, match="catalog_hash"):
+        initialize(backend_module, repo, catalog_hash=good, catalog_hash_1="f" * 64)
 
 
 def test_responses_hold_torch_tensors_converted(backend):

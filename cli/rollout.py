@@ -1,4 +1,4 @@
-"""`onerec deploy | rollback | promote | status`: new model versions and canaries on a live Triton, no restart."""
+"""`onerec deploy | rollback | promote | canary | status`: new model versions and canaries on a live Triton."""
 
 from __future__ import annotations
 
@@ -138,6 +138,19 @@ def promote(run_dir: OptionalRun = None, model_repo: RepoOption = None, triton_u
 
     target = resolve_target(run_dir, model_repo, triton_url, state_dir)
     _report(run_promote(target.repo, _control(target)), target, wait, as_json)
+
+
+@app.command()
+@user_errors
+def canary(share: Annotated[float, typer.Option(help="Share of users on the canary, 0 < SHARE <= 1.")],
+           run_dir: OptionalRun = None, model_repo: RepoOption = None, triton_url: TritonOption = None,
+           state_dir: StateOption = None, as_json: JsonOption = False) -> None:
+    """Change the running canary's share of users (raising it keeps the users it had and adds others)."""
+    from export.rollout import parse_share, set_share
+
+    parse_share(share, "--share")
+    target = resolve_target(run_dir, model_repo, triton_url, state_dir)
+    _report(set_share(target.repo, _control(target), share), target, 0.0, as_json)
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""Rollout without a restart: `deploy`, `rollback`, `promote` and `status` over a live repository and Triton.
+"""Rollout without a restart: `deploy`, `rollback`, `promote`, the canary's share and `status` over a live
+repository and Triton.
 
 Triton runs with explicit model control (`--model-control-mode=explicit --load-model=onerec`): nothing changes
 what it serves until `load` is called through its repository API, which answers once the new versions are loaded
@@ -12,12 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
+import functools
+import inspect
 import json
 import logging
 import shutil
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -73,7 +77,7 @@ class TritonControl:
 class Change:
     """What one rollout command did."""
 
-    action: str  # deploy | canary | promote | rollback | abort-canary
+    action: str  # deploy | canary | canary-share | promote | rollback | abort-canary
     primary: int
     canary: int | None
     canary_share: float
@@ -83,6 +87,35 @@ class Change:
 
     def as_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"loaded": list(self.loaded)}
+
+
+@contextlib.contextmanager
+def exclusive(model_dir: Path) -> Iterator[None]:
+    """One rollout at a time per repository (an advisory lock on `.rollout.lock`); UsageError when one runs."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with open(model_dir / ".rollout.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"{model_dir}: another deploy, rollback or promote is running; retry when it ends") \
+                from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def one_at_a_time(fn: Callable[..., Change]) -> Callable[..., Change]:
+    """Run a rollout command holding its repository's lock (`exclusive`)."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Change:
+        repo = signature.bind(*args, **kwargs).arguments["repo"]
+        with exclusive(layout.model_dir(repo)):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def current_state(model_dir: Path) -> RolloutState:
@@ -97,12 +130,13 @@ def current_state(model_dir: Path) -> RolloutState:
     return RolloutState(newest, (newest,), history=(newest,))
 
 
-def parse_share(share: float) -> float:
+def parse_share(share: float, option: str = "--canary") -> float:
     if not 0.0 < share <= 1.0:
-        raise UsageError(f"--canary: the share of users must lie in (0, 1], got {share}")
+        raise UsageError(f"{option}: the share of users must lie in (0, 1], got {share}")
     return share
 
 
+@one_at_a_time
 def deploy(run_dir: Path, repo: Path, control: ModelControl, checkpoint: Path | None = None,
            canary: float | None = None, precision: str = "auto") -> Change:
     """Export the run as the next version and have Triton serve it: as the primary, or, with `canary` (a share
@@ -131,6 +165,7 @@ def deploy(run_dir: Path, repo: Path, control: ModelControl, checkpoint: Path | 
                   version, weights_shared)
 
 
+@one_at_a_time
 def rollback(repo: Path, control: ModelControl) -> Change:
     """Serve the previous version again: with a canary, stop it (every user back on the primary); otherwise the
     primary before the current one (the deploy history, else the next lower version on disk)."""
@@ -149,6 +184,7 @@ def rollback(repo: Path, control: ModelControl) -> Change:
     return Change("rollback", previous, None, 0.0, new.loaded, previous)
 
 
+@one_at_a_time
 def promote(repo: Path, control: ModelControl) -> Change:
     """Make the canary the primary (every user on it)."""
     model_dir = layout.model_dir(repo)
@@ -159,6 +195,19 @@ def promote(repo: Path, control: ModelControl) -> Change:
                        serving=state.serving)
     apply(model_dir, new, control)
     return Change("promote", new.primary, None, 0.0, new.loaded, new.primary)
+
+
+@one_at_a_time
+def set_share(repo: Path, control: ModelControl, share: float) -> Change:
+    """Route `share` of the users to the current canary (raising it only adds users: the split is a threshold)."""
+    share = parse_share(share, "--share")
+    model_dir = layout.model_dir(repo)
+    state = current_state(model_dir)
+    if state.canary is None:
+        raise UsageError(f"{model_dir}: no canary (deploy one with `onerec deploy --canary SHARE`)")
+    new = dataclasses.replace(state, canary_share=share)
+    apply(model_dir, new, control)
+    return Change("canary-share", new.primary, new.canary, share, new.loaded, state.canary)
 
 
 def apply(model_dir: Path, new: RolloutState, control: ModelControl) -> None:

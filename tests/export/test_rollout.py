@@ -14,7 +14,7 @@ from tritonclient.grpc import model_config_pb2
 
 from export import repository
 from export.repository import RolloutState, write_config
-from export.rollout import deploy, promote, rollback, status
+from export.rollout import deploy, promote, rollback, set_share, status
 from onerec.errors import UsageError
 from onerec.serving import layout
 from onerec.tokenizer.catalog import Catalog
@@ -59,9 +59,9 @@ def live(exported_repo: Path, tmp_path: Path) -> tuple[Path, FakeTriton]:
 
 
 def snapshot(model_dir: Path) -> dict[str, bytes | None]:
-    """Every file name (and the content of the top-level ones) of a model directory."""
+    """Every file name (and the content of the top-level ones) of a model directory, but the rollout lock."""
     return {str(p.relative_to(model_dir)): p.read_bytes() if p.parent == model_dir else None
-            for p in sorted(model_dir.rglob("*")) if p.is_file()}
+            for p in sorted(model_dir.rglob("*")) if p.is_file() and p.name != ".rollout.lock"}
 
 
 def params(triton: FakeTriton) -> dict[str, str]:
@@ -110,7 +110,14 @@ def test_canary_then_promote_or_abort(live, tiny_run):
     aborted = rollback(repo, triton)  # with a canary, rollback stops it
     assert (aborted.action, aborted.primary, aborted.canary) == ("abort-canary", 1, None)
     assert params(triton)["canary_version"] == "" and triton.loaded == {1, 2}
-    deploy(tiny_run, repo, triton, canary=0.5)
+    with pytest.raises(UsageError, match="no canary"):
+        set_share(repo, triton, 0.5)
+    deploy(tiny_run, repo, triton, canary=0.1)
+    widened = set_share(repo, triton, 0.5)
+    assert (widened.action, widened.canary, widened.canary_share) == ("canary-share", 3, 0.5)
+    assert params(triton)["canary_share"] == "0.5" and triton.loaded == {1, 3}  # the aborted canary 2 unloaded
+    with pytest.raises(UsageError, match="--share"):
+        set_share(repo, triton, 1.5)
     promoted = promote(repo, triton)
     assert (promoted.primary, promoted.canary) == (3, None) and params(triton)["model_version"] == "3"
     with pytest.raises(UsageError, match="no canary to promote"):
@@ -175,6 +182,8 @@ def test_cli_errors_exit_2_and_leave_the_repository_untouched(live, tiny_run, tm
         (("deploy", "--run", tiny_run, "--model-repo", tmp_path / "missing"), "--model-repo"),
         (("rollback", "--model-repo", repo, "--triton-url", dead), "nothing to roll back to"),
         (("promote", "--model-repo", repo, "--triton-url", dead), "no canary to promote"),
+        (("canary", "--share", "0.5", "--model-repo", repo, "--triton-url", dead), "no canary"),
+        (("canary", "--share", "2", "--model-repo", repo), "--share"),
         (("rollback",), "--model-repo"),
     ]
     for args, needle in cases:
@@ -182,7 +191,7 @@ def test_cli_errors_exit_2_and_leave_the_repository_untouched(live, tiny_run, tm
         assert code == 2, (args, err)
         assert err.startswith("error: ") and needle in err and len(err.strip().splitlines()) == 1, (args, err)
     assert snapshot(repo / "onerec") == before
-    for command in ("deploy", "rollback", "promote", "status"):
+    for command in ("deploy", "rollback", "promote", "canary", "status"):
         code, out, _ = run_cli(command, "--help")
         assert code == 0 and "Usage" in out
 
@@ -219,3 +228,12 @@ def test_needs_export_looks_at_the_served_primary(live, tiny_run, tmp_path):
     assert needs_export(RunDir(tiny_run), repo) is not None  # version 2 (another catalog) is served
     rollback(repo, triton)
     assert needs_export(RunDir(tiny_run), repo) is None
+
+
+def test_one_rollout_at_a_time(live, tiny_run):
+    from export.rollout import exclusive
+
+    repo, triton = live
+    with exclusive(repo / "onerec"), pytest.raises(UsageError, match="another deploy"):
+        rollback(repo, triton)
+    assert deploy(tiny_run, repo, triton).version == 2  # the lock is released

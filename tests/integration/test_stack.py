@@ -126,6 +126,24 @@ def test_every_dashboard_query_returns_data_under_load(stack: LocalStack, promet
     assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
 
 
+def test_deploy_status_rollback_find_the_stack_from_the_run(stack: LocalStack):
+    """`--run RUN --state-dir` is enough: the repository, Triton and the gateway come from stack.json."""
+    done = onerec("deploy", *stack.flags, "--json")
+    assert done.returncode == 0, done.stderr
+    deployed = json.loads(done.stdout)
+    assert (deployed["version"], deployed["primary"], deployed["weights_shared"]) == (2, 2, True)
+    assert deployed["gateway_follows"] is True and deployed["model_repo"] == stack.state["model_repo"]
+    assert {a["answer"]["model_version"] for a in _recommend_json(stack)} == {"2"}
+    done = onerec("status", *stack.flags)
+    assert done.returncode == 0, done.stderr
+    assert "serving   primary 2" in done.stdout and "(weights shared)" in done.stdout
+    assert "1 READY" in done.stdout and "2 READY" in done.stdout
+    done = onerec("rollback", *stack.flags, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["primary"] == 1 and json.loads(done.stdout)["gateway_follows"] is True
+    assert {a["answer"]["model_version"] for a in _recommend_json(stack)} == {"1"}
+
+
 def test_down_stops_every_process(stack: LocalStack):
     pids = stack.state["pids"]
     done = stack.down()

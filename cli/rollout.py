@@ -21,7 +21,8 @@ OptionalRun = Annotated[Path | None, typer.Option(
 RepoOption = Annotated[Path | None, typer.Option(
     envvar="ONEREC_MODEL_REPO", help="The live Triton model repository (default: the stack's, else RUN/model_repo).")]
 TritonOption = Annotated[str | None, typer.Option(
-    envvar="ONEREC_TRITON_HTTP_URL", help="Triton's HTTP address (default: the stack's, else 127.0.0.1:8000).")]
+    envvar="ONEREC_TRITON_HTTP_URL", help="Triton's HTTP address, or every replica's, comma-separated (default: "
+    "the stack's, else 127.0.0.1:8000).")]
 WaitOption = Annotated[float, typer.Option(
     help="Seconds to wait for the stack's gateway to serve the new primary (0: do not wait).")]
 
@@ -57,9 +58,9 @@ def resolve_target(run_dir: Path | None, model_repo: Path | None, triton_url: st
 
 
 def _control(target: Target) -> Any:
-    from export.rollout import TritonControl
+    from export.rollout import control_for
 
-    return TritonControl(target.triton_url)
+    return control_for(target.triton_url)
 
 
 def _report(change: Any, target: Target, wait: float, as_json: bool) -> None:

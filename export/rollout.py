@@ -73,6 +73,33 @@ class TritonControl:
         return self._post("/v2/repository/index", {}) or []
 
 
+class Replicas:
+    """Several Tritons serving one shared repository (replicas): each loads; a version counts as ready only
+    where every replica has it ready."""
+
+    def __init__(self, controls: list[ModelControl]) -> None:
+        self.controls = controls
+
+    def load(self, model: str) -> None:
+        for control in self.controls:
+            control.load(model)
+
+    def index(self) -> list[dict[str, Any]]:
+        indexes = [control.index() for control in self.controls]
+        ready = [{(e.get("name"), e.get("version")) for e in index if e.get("state") == "READY"} for index in indexes]
+        everywhere = set.intersection(*ready) if ready else set()
+        return [e if (e.get("name"), e.get("version")) in everywhere else {**e, "state": "UNAVAILABLE"}
+                for e in indexes[0]] if indexes else []
+
+
+def control_for(urls: str, timeout_s: float = 600.0) -> ModelControl:
+    """The repository API of one Triton (`host:port`) or of every replica (`host1:port,host2:port`)."""
+    controls = [TritonControl(url.strip(), timeout_s) for url in urls.split(",") if url.strip()]
+    if not controls:
+        raise UsageError("--triton-url: no address given")
+    return controls[0] if len(controls) == 1 else Replicas(controls)
+
+
 @dataclass(frozen=True)
 class Change:
     """What one rollout command did."""

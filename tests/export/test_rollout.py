@@ -237,3 +237,24 @@ def test_one_rollout_at_a_time(live, tiny_run):
     with exclusive(repo / "onerec"), pytest.raises(UsageError, match="another deploy"):
         rollback(repo, triton)
     assert deploy(tiny_run, repo, triton).version == 2  # the lock is released
+
+
+def test_replicas_all_load_and_a_version_is_ready_only_where_all_have_it(live, tiny_run, tmp_path):
+    from export.rollout import Replicas, TritonControl, control_for
+
+    repo, first = live
+    second = FakeTriton(repo / "onerec")
+    second.load("onerec")
+    both = Replicas([first, second])
+    assert deploy(tiny_run, repo, both).loaded == (1, 2)
+    assert first.loaded == second.loaded == {1, 2}
+    second.loaded = {1}  # replica two lost version 2
+    assert {e["version"]: e["state"] for e in both.index()} == {"1": "READY", "2": "UNAVAILABLE"}
+    second.refuse = "out of memory"
+    before = snapshot(repo / "onerec")
+    with pytest.raises(UsageError, match="out of memory"):
+        deploy(tiny_run, repo, both)  # one replica refusing undoes the rollout for both
+    assert snapshot(repo / "onerec") == before and first.loaded == {1, 2}
+    assert isinstance(control_for("a:1"), TritonControl) and isinstance(control_for("a:1, b:2"), Replicas)
+    with pytest.raises(UsageError, match="no address"):
+        control_for(" , ")

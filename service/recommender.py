@@ -99,22 +99,19 @@ class Recommender:
         videos: list[int] | None = history
         reason: str | None = None
         timings: dict[str, float] = {}
+        pin = self.pinned(user_id)  # one version for the whole request: its catalog maps history and answer
+        if pin is None:
+            raise NoCatalogError("no model version's catalog is loaded (is model_repo mounted?)")
         if videos is None:
             try:
-                start = time.perf_counter()
-                stored = await self.store.recent(user_id)
-                timings["redis"] = time.perf_counter() - start  # observed below, once the version is known
+                with self._stage("redis", timings, pin.version):
+                    stored = await self.store.recent(user_id)
                 videos = stored.video_ids
+                if stored.malformed:
+                    self.metrics.unknown_videos.labels(pin.version).inc(stored.malformed)
             except HistoryError as e:
                 log.warning("user %s: history unavailable (%s); serving popular items", user_id, e)
                 reason = "redis_unavailable"
-        pin = self.pinned(user_id)
-        if pin is None:
-            raise NoCatalogError("no model version's catalog is loaded (is model_repo mounted?)")
-        if "redis" in timings:
-            self.metrics.stage_seconds.labels("redis", pin.version).observe(timings["redis"])
-            if stored.malformed:
-                self.metrics.unknown_videos.labels(pin.version).inc(stored.malformed)
         if exclude:
             self.metrics.unknown_excluded.labels(pin.version).inc(int((pin.catalog.rows_of(exclude) < 0).sum()))
         seen = videos or []

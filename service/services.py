@@ -53,13 +53,12 @@ class VersionPin:
             except ModelError as e:
                 log.debug("version sync: %s", e)
                 return self.current is not None and self.current.matched
-            primary = await self._pin(self.current, served.version, served.catalog_hash, served.bans_in_beam)
+            primary = await self._pin(served.version, served.catalog_hash, served.bans_in_beam)
             if primary is not None:
                 self.current = primary
             canary = None
             if served.canary_version is not None:
-                canary = await self._pin(self.canary, served.canary_version, served.canary_catalog_hash,
-                                         served.bans_in_beam)
+                canary = await self._pin(served.canary_version, served.canary_catalog_hash, served.bans_in_beam)
                 if canary is not None and not canary.matched:
                     log.error("canary version %s: %s; its users stay on version %s", canary.version, canary.problem,
                               served.version)
@@ -70,12 +69,13 @@ class VersionPin:
             self.canary, self.canary_share = canary, served.canary_share if canary is not None else 0.0
             return primary is not None and primary.matched
 
-    async def _pin(self, held: Pinned | None, version: str, catalog_hash: str, bans: bool) -> Pinned | None:
-        """`held` when it already is this matched version, else that version's catalog read and checked (None
-        when it cannot be read)."""
-        if (held is not None and held.matched and held.version == version
-                and held.catalog.content_hash == catalog_hash and held.bans_in_beam == bans):
-            return held
+    async def _pin(self, version: str, catalog_hash: str, bans: bool) -> Pinned | None:
+        """The pin already held for this matched version (primary or canary: a promotion reads nothing), else that
+        version's catalog read and checked (None when it cannot be read)."""
+        for held in self.versions():
+            if (held.matched and held.version == version and held.catalog.content_hash == catalog_hash
+                    and held.bans_in_beam == bans):
+                return held
         try:
             pinned = await asyncio.to_thread(load_version, self.model_dir, version, catalog_hash)
         except UsageError as e:

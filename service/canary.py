@@ -8,7 +8,7 @@ _SCALE = float(1 << 64)
 
 
 def bucket(user_id: str, salt: str) -> float:
-    """A user's position in [0, 1): the first 8 bytes of BLAKE2b(salt, user_id), the same in every process and
+    """A user's position in [0, 1): the 8-byte BLAKE2b of user_id keyed by `salt`, the same in every process and
     on every machine (Python's `hash` is salted per process). `salt` is the candidate version, so each new
     candidate draws a fresh slice of users, while raising one candidate's share only adds users to it."""
     digest = hashlib.blake2b(user_id.encode(), digest_size=8, key=salt.encode()[:64]).digest()

@@ -145,15 +145,13 @@ def tokenize(run: RunDir, preset: str | None = None, codes: int | None = None, l
         raise UsageError(f"{run.interactions}: empty catalog (no items)")
     if cfg.codes > len(video_ids):
         raise UsageError(f"--codes: K={cfg.codes} is larger than the item count N={len(video_ids)}")
-    attributes_file = None if embeddings is not None else item_attributes(run.read_marker("prepare"))
+    attributes_file = None
     if embeddings is not None:
         vectors = load_embeddings(embeddings, len(video_ids))
     else:
-        attributes = None
-        if attributes_file is not None and cfg.attribute_weight > 0:
-            attributes = load_item_attributes(attributes_file, video_ids)
-        else:
-            attributes_file = None
+        if cfg.attribute_weight > 0:
+            attributes_file = item_attributes(run.read_marker("prepare"))
+        attributes = None if attributes_file is None else load_item_attributes(attributes_file, video_ids)
         vectors = ppmi_svd_embeddings(train_interactions, video_ids, cfg.embedding_dim, seed=cfg.seed,
                                       attributes=attributes, attribute_weight=cfg.attribute_weight)
     run.invalidate_from("tokenize")  # inputs are valid: from here the old catalog is being replaced

@@ -130,11 +130,11 @@ class OneRecModel(nn.Module):
 
     def encode(self, history: Tensor, mask: Tensor) -> Tensor:
         """history (B, N, L) long, mask (B, N) bool -> memory (B, N, D)."""
-        codes = torch.where(mask.unsqueeze(-1), history, 0) + self.level_offsets  # (B, N, L) table rows
+        sids = torch.where(mask.unsqueeze(-1), history, 0)  # (B, N, L) padding -> code 0
         positions = torch.arange(history.shape[1], device=history.device)  # (N,)
-        x = self.item_emb(codes).sum(dim=-2) + self.enc_pos(positions)  # (B, N, D)
+        x = self.item_emb(sids + self.level_offsets).sum(dim=-2) + self.enc_pos(positions)  # (B, N, D)
         if self.item_table is not None:
-            x = x + self.item_table(item_rows(torch.where(mask.unsqueeze(-1), history, 0), self.cfg))
+            x = x + self.item_table(item_rows(sids, self.cfg))
         x = self.drop(x)
         bias = padding_bias(mask, x.dtype)  # (B, 1, 1, N)
         for layer in self.encoder:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cli import baselines, blocklist, local, pipeline, rollout, serving
+from cli import baselines, blocklist, catalog, local, pipeline, rollout, serving
 
 app = typer.Typer(
     help="OneRec-style generative recommendation: build a run directory stage by stage.",
@@ -19,6 +19,7 @@ app = typer.Typer(
 groups = (pipeline.app, baselines.app, serving.app, rollout.app, blocklist.app, local.app)  # `onerec --help`'s order
 for group in groups:
     app.registered_commands += group.registered_commands
+app.add_typer(catalog.app, name="catalog")  # `onerec catalog add`
 
 
 @app.callback()

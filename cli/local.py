@@ -40,7 +40,12 @@ def up(
         help="Model directory to serve (default RUN/model; e.g. RUN/align/iter_1, an IPA iteration).")] = None,
     host: Annotated[str, typer.Option(help="Address every server listens on.")] = "127.0.0.1",
     gateway_port: Annotated[int, typer.Option(help="Gateway HTTP port.")] = 8080,
-    redis_port: Annotated[int, typer.Option(help="Redis port.")] = 6379,
+    redis_port: Annotated[int, typer.Option(
+        help="Redis port (with --redis-cluster: the first node's; the others follow it).")] = 6379,
+    redis_cluster: Annotated[int, typer.Option(
+        help="Start a local Redis Cluster of N masters (N >= 3) instead of one redis-server; 0: standalone.")] = 0,
+    redis_replicas: Annotated[int, typer.Option(
+        help="Replicas per cluster master (events are then acknowledged once a replica holds them).")] = 0,
     triton_http_port: Annotated[int, typer.Option(help="Triton HTTP port.")] = 8000,
     triton_grpc_port: Annotated[int, typer.Option(help="Triton gRPC port.")] = 8001,
     triton_metrics_port: Annotated[int, typer.Option(help="Triton metrics port.")] = 8002,
@@ -51,17 +56,24 @@ def up(
     timeout: Annotated[float, typer.Option(help="Seconds each server may take to become ready.")] = 300.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the stack state as JSON.")] = False,
 ) -> None:
-    """Start Redis, tritonserver and the gateway for a trained run (exporting it if needed), load the users'
-    histories, and return once the gateway's /readyz is ready. The processes keep running: `onerec down` stops them."""
+    """Start Redis (one server, or a local Redis Cluster), tritonserver and the gateway for a trained run (exporting
+    it if needed), load the users' histories, and return once the gateway's /readyz is ready. The processes keep
+    running: `onerec down` stops them."""
     from stack.local import Stack, StackConfig
     from stack.triton import TritonPorts
 
     if workers < 1 or beam_width < 1:
         raise UsageError(f"--workers and --beam-width must be >= 1, got {workers} and {beam_width}")
+    if redis_cluster < 0 or redis_cluster in (1, 2):
+        raise UsageError(f"--redis-cluster: a Redis Cluster needs at least 3 masters (0: standalone), got "
+                         f"{redis_cluster}")
+    if redis_replicas < 0 or (redis_replicas and not redis_cluster):
+        raise UsageError(f"--redis-replicas {redis_replicas}: must be >= 0, and needs --redis-cluster")
     if checkpoint is not None and not (checkpoint / "model.safetensors").is_file():
         raise UsageError(f"--checkpoint: {checkpoint} is not a model directory (no model.safetensors)")
     cfg = StackConfig(run=run_dir, model_repo=model_repo, state_dir=state_dir, host=host, gateway_port=gateway_port,
-                      redis_port=redis_port, triton_ports=TritonPorts(triton_http_port, triton_grpc_port,
+                      redis_port=redis_port, redis_cluster=redis_cluster, redis_replicas=redis_replicas,
+                      triton_ports=TritonPorts(triton_http_port, triton_grpc_port,
                                                                       triton_metrics_port),
                       workers=workers, beam_width=beam_width, timeout_s=timeout)
     state = Stack(cfg).up(before_start=lambda: export_if_needed(run_dir, cfg.repo, checkpoint, precision.value))
@@ -72,7 +84,8 @@ def up(
         return
     typer.echo(f"gateway   {state.gateway_url}   (model version {state.model_version}, repo {state.model_repo})")
     typer.echo(f"triton    {state.triton_http_url}   metrics {state.triton_metrics_url}")
-    typer.echo(f"redis     {state.redis_url}")
+    cluster = f"   (cluster of {len(state.redis_urls)} nodes)" if state.redis_mode == "cluster" else ""
+    typer.echo(f"redis     {state.redis_url}{cluster}")
     typer.echo(f"logs      {Path(state.logs['gateway']).parent}")
     typer.echo(f"stop it with: onerec down --run {run_dir}")
 
@@ -80,7 +93,8 @@ def up(
 @app.command()
 @user_errors
 def down(run_dir: RunOption, state_dir: StateOption = None) -> None:
-    """Stop the stack `onerec up` started for RUN (gateway, then Triton, then Redis); prints what it stopped."""
+    """Stop the stack `onerec up` started for RUN (gateway, then Triton, then Redis or every cluster node); prints
+    what it stopped."""
     from stack.local import Stack, StackConfig
 
     stopped = Stack(StackConfig(run=run_dir, state_dir=state_dir)).down()

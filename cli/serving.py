@@ -101,6 +101,15 @@ def triton(
         raise UsageError(f"tritonserver exited on its own with {code} (log: {server.log_path})")
 
 
+class RedisModeChoice(str, Enum):
+    standalone = "standalone"
+    cluster = "cluster"
+
+
+RedisModeOption = Annotated[RedisModeChoice, typer.Option(
+    envvar="ONEREC_REDIS_MODE", help="standalone: one Redis; cluster: a Redis Cluster, --redis-url one seed node.")]
+
+
 class HistorySplit(str, Enum):
     latest = "latest"
     test = "test"
@@ -112,14 +121,16 @@ def load_histories(
     run_dir: RunOption,
     redis_url: Annotated[str, typer.Option(envvar="ONEREC_REDIS_URL", help="Redis to write to.")] = (
         "redis://127.0.0.1:6379/0"),
-    prefix: Annotated[str, typer.Option(envvar="ONEREC_HISTORY_PREFIX", help="History key prefix.")] = (
+    redis_mode: RedisModeOption = RedisModeChoice.standalone,
+    prefix: Annotated[str, typer.Option(
+        envvar="ONEREC_HISTORY_PREFIX", help="History key prefix (keys are PREFIX{user_id}, braces included).")] = (
         "onerec:history:"),
     cap: Annotated[int, typer.Option(envvar="ONEREC_HISTORY_LEN", help="Videos kept per user.")] = 256,
     which: Annotated[HistorySplit, typer.Option(
         "--histories", help="latest: every positive up to now (what production holds); test: the test sessions' "
                             "histories, so /recommend can be scored against the held-out targets.")
     ] = HistorySplit.latest,
-    batch: Annotated[int, typer.Option(help="Users per pipelined MULTI/EXEC.")] = 500,
+    batch: Annotated[int, typer.Option(help="Users per pipelined round trip (one atomic script per user).")] = 500,
     users_out: Annotated[Path | None, typer.Option(
         help="Also write the loaded user ids here, one per line (what the load tests draw from).")] = None,
     videos_out: Annotated[Path | None, typer.Option(
@@ -128,15 +139,15 @@ def load_histories(
     """Replace the users' Redis histories with the run's (most recent first); prints a JSON summary."""
     import time
 
-    import redis
     from tqdm import tqdm
 
     from onerec.data.interactions import Interactions
     from onerec.data.sessions import Sessions, latest_histories
-    from service.history import bulk_load
+    from service.history import REDIS_ERRORS, bulk_load, connect
 
     if cap < 1 or batch < 1:
         raise UsageError(f"--cap and --batch must be >= 1, got {cap} and {batch}")
+    _check_prefix(prefix)
     run = RunDir(run_dir)
     run.require("prepare")
     if which is HistorySplit.latest:
@@ -147,12 +158,15 @@ def load_histories(
         test = Sessions.load(run.sessions("test"))
         histories = [(str(int(test.users[i])), test.history_of(i).tolist()) for i in range(len(test))]
     start = time.perf_counter()
-    client = redis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=5)
+    try:
+        client = connect(redis_url, redis_mode.value)
+    except REDIS_ERRORS as e:
+        raise UsageError(f"--redis-url {redis_url} ({redis_mode.value}): {e}") from e
     try:
         with tqdm(total=len(histories), unit="user", disable=not progress(), desc="load-histories") as bar:
             users, videos = bulk_load(client, histories, prefix, cap, batch, bar.update)
-    except redis.RedisError as e:
-        raise UsageError(f"--redis-url {redis_url}: {e}") from e
+    except REDIS_ERRORS as e:
+        raise UsageError(f"--redis-url {redis_url} ({redis_mode.value}): {e}") from e
     finally:
         client.close()
     seconds = time.perf_counter() - start
@@ -167,6 +181,37 @@ def load_histories(
         videos_out.write_text("".join(f"{int(v)}\n" for v in catalog.video_ids[catalog.popular_order]))
     log.info("loaded %d histories (%d videos) into %s in %.1fs", users, videos, redis_url, seconds)
     typer.echo(json.dumps({"users": users, "videos": videos, "histories": which.value, "seconds": round(seconds, 2)}))
+
+
+def _check_prefix(prefix: str) -> None:
+    if "{" in prefix or "}" in prefix:
+        raise UsageError(f"--prefix {prefix!r}: must not contain {{ or }} (the key's hash tag follows it)")
+
+
+@app.command("migrate-histories")
+@user_errors
+def migrate_histories(
+    redis_url: Annotated[str, typer.Option(envvar="ONEREC_REDIS_URL", help="The standalone Redis to migrate.")] = (
+        "redis://127.0.0.1:6379/0"),
+    prefix: Annotated[str, typer.Option(envvar="ONEREC_HISTORY_PREFIX", help="History key prefix.")] = (
+        "onerec:history:"),
+    cap: Annotated[int, typer.Option(envvar="ONEREC_HISTORY_LEN", help="Videos kept per user.")] = 256,
+    batch: Annotated[int, typer.Option(help="Keys per SCAN step and pipelined round trip.")] = 500,
+) -> None:
+    """Move histories stored before hash-tagged keys (PREFIX196) to PREFIX{196}, merged with what the new key
+    already holds (its videos first: they are newer), one atomic script per user; prints a JSON summary.
+    Idempotent: run it before deploying a gateway with hash-tagged keys and once more after the last old one."""
+    from service.history import REDIS_ERRORS, connect, migrate_history_keys
+
+    if cap < 1 or batch < 1:
+        raise UsageError(f"--cap and --batch must be >= 1, got {cap} and {batch}")
+    _check_prefix(prefix)
+    try:
+        client = connect(redis_url)
+        users, videos = migrate_history_keys(client, prefix, cap, batch)
+    except REDIS_ERRORS as e:
+        raise UsageError(f"--redis-url {redis_url}: {e}") from e
+    typer.echo(json.dumps({"users": users, "videos": videos}))
 
 
 @app.command()

@@ -3,7 +3,8 @@
 Operators SADD/SREM the set (or run `onerec block|unblock`); the gateway re-reads it at most every `ttl_s` seconds,
 so a blocked video leaves every answer within ttl_s + the Redis timeout. When Redis does not answer, the last set
 read stays in force (logged once per outage, `onerec_gateway_blocklist_stale` = 1): a failing dependency degrades
-to a slightly old blocklist, it never fails a request or forgets what was blocked."""
+to a slightly old blocklist, it never fails a request or forgets what was blocked. One key, so one slot in a
+Redis Cluster: SMEMBERS and the block/unblock transaction work the same in both modes."""
 
 from __future__ import annotations
 
@@ -13,9 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import redis
-import redis.asyncio as aioredis
-
+from service.history import REDIS_ERRORS, AsyncClient, SyncClient
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -24,7 +23,7 @@ log = logging.getLogger(__name__)
 class Blocklist:
     """`current()` is the blocked video ids, fresh to within `ttl_s`; one SMEMBERS per expiry, however many ask."""
 
-    def __init__(self, client: aioredis.Redis, key: str, ttl_s: float, timeout: float, metrics: Metrics,
+    def __init__(self, client: AsyncClient, key: str, ttl_s: float, timeout: float, metrics: Metrics,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.key = key
@@ -54,7 +53,7 @@ class Blocklist:
         try:
             async with asyncio.timeout(self.timeout):
                 members = await self.client.smembers(self.key)
-        except (TimeoutError, redis.RedisError, OSError) as e:
+        except REDIS_ERRORS as e:
             self.checked_at = self.clock()  # a dead Redis is asked again after ttl_s, not by every request
             self._failed(f"{type(e).__name__}: {e}")
             return
@@ -104,7 +103,7 @@ class BlockChange:
     size: int
 
 
-def change_blocklist(client: redis.Redis, key: str, video_ids: list[int], block: bool) -> BlockChange:
+def change_blocklist(client: SyncClient, key: str, video_ids: list[int], block: bool) -> BlockChange:
     """SADD (block) or SREM (unblock) the ids, one transaction; which ids changed is read in the same MULTI/EXEC."""
     ordered = list(dict.fromkeys(int(v) for v in video_ids))
     pipe = client.pipeline(transaction=True)

@@ -6,8 +6,7 @@ import asyncio
 import logging
 import time
 
-import redis
-import redis.asyncio as aioredis
+from service.history import REDIS_ERRORS, AsyncClient
 
 log = logging.getLogger(__name__)
 
@@ -16,19 +15,20 @@ KEY_TTL_S = 2 * 3600  # a minute's sketch outlives the window, then Redis drops 
 
 
 class ServedItems:
-    """PFADD the videos of every answer into `{prefix}{model version}:{epoch minute}`; PFCOUNT the window's keys
-    as one union (per version, so that a canary's coverage compares with the primary's).
+    """PFADD the videos of every answer into `{prefix}{{model version}}:{epoch minute}`; PFCOUNT the window's keys
+    as one union (per version, so that a canary's coverage compares with the primary's). The braces are a Redis
+    Cluster hash tag: one version's minutes share a slot, so the one PFCOUNT over the window works in a cluster.
 
     HyperLogLog keeps the count shared across workers in 12 KiB per minute with ~0.8% standard error, where a
     per-video Prometheus label would be one series per catalog item. Failures are logged and never reach a request.
     """
 
-    def __init__(self, client: aioredis.Redis, prefix: str, timeout: float) -> None:
+    def __init__(self, client: AsyncClient, prefix: str, timeout: float) -> None:
         self.client, self.prefix, self.timeout = client, prefix, timeout
         self._pending: set[asyncio.Task] = set()
 
     def key(self, now: float, version: str = "") -> str:
-        return f"{self.prefix}{version}:{int(now // 60)}"
+        return f"{self.prefix}{{{version or '-'}}}:{int(now // 60)}"  # an empty tag {} would not be one
 
     def record(self, video_ids: list[int], now: float | None = None, version: str = "") -> None:
         """Add the videos answered by model `version` in the background (the answer does not wait for Redis)."""
@@ -45,7 +45,7 @@ class ServedItems:
         try:
             async with asyncio.timeout(self.timeout):
                 await pipe.execute()
-        except (TimeoutError, redis.RedisError, OSError) as e:
+        except REDIS_ERRORS as e:
             log.debug("served-items sketch not updated: %s", e)
 
     async def count(self, now: float | None = None, minutes: int = WINDOW_MINUTES, version: str = "") -> int | None:
@@ -55,7 +55,7 @@ class ServedItems:
         try:
             async with asyncio.timeout(self.timeout):
                 return int(await self.client.pfcount(*keys))
-        except (TimeoutError, redis.RedisError, OSError) as e:
+        except REDIS_ERRORS as e:
             log.debug("served-items count unavailable: %s", e)
             return None
 

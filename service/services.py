@@ -112,8 +112,9 @@ class Services:
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings, self.metrics = settings, metrics
-        self.history = RedisHistory(open_redis(settings.redis_url, settings.redis_timeout_s),
-                                    settings.history_prefix, settings.history_len, settings.redis_timeout_s)
+        self.history = RedisHistory(open_redis(settings.redis_url, settings.redis_timeout_s, settings.redis_mode),
+                                    settings.history_prefix, settings.history_len, settings.redis_timeout_s,
+                                    settings.redis_wait_replicas)
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
         self.model = TritonModel(settings.triton_url, settings.model_name, settings.triton_timeout_s,
                                  settings.beam_width, settings.num_sessions, self.breaker)

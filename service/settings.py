@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
+from urllib.parse import urlparse
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from onerec.serving import layout
@@ -16,8 +17,12 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="ONEREC_", extra="ignore", frozen=True)
 
-    # Redis history store (DESIGN.md §4): LIST `{history_prefix}{user_id}`, most recent first, capped.
+    # Redis history store (DESIGN.md §4): LIST `{history_prefix}{{user_id}}` (a hash tag: one slot per user),
+    # most recent first, capped. In cluster mode `redis_url` names one seed node; the client reads the slot map.
+    redis_mode: Literal["standalone", "cluster"] = Field("standalone", description="one Redis, or a Redis Cluster")
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_wait_replicas: int = Field(0, ge=0, description="replicas that must hold an event (Redis WAIT) before "
+                                     "/events answers 200: 1 with replicas, so a dead master loses none")
     history_prefix: str = "onerec:history:"
     history_len: int = Field(256, ge=1, le=4096, description="videos kept per user and read per request")
     redis_timeout_s: float = Field(0.25, gt=0, description="bound on each Redis command")
@@ -46,6 +51,22 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(64, ge=1, description="requests in flight before 503 + Retry-After")
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503s")
+
+    @field_validator("history_prefix", "served_prefix")
+    @classmethod
+    def _no_hash_tag(cls, value: str) -> str:
+        if "{" in value or "}" in value:
+            raise ValueError("must not contain { or }: the key's hash tag is added after it")
+        return value
+
+    @model_validator(mode="after")
+    def _cluster_url(self) -> Settings:
+        if self.redis_mode == "cluster":
+            url = urlparse(self.redis_url)
+            if url.scheme not in ("redis", "rediss") or url.path not in ("", "/", "/0"):
+                raise ValueError(f"redis_url {self.redis_url!r}: a cluster seed is redis://host:port (database 0 "
+                                 "only: Redis Cluster has no other)")
+        return self
 
     @field_validator("api_keys", mode="before")
     @classmethod

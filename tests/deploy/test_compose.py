@@ -16,6 +16,7 @@ import yaml
 
 from stack.commands import gateway_args, load_histories_args, triton_args
 from stack.local import StackConfig
+from stack.redis_server import RedisServer
 from stack.triton import EXIT_TIMEOUT_S, TritonPorts, TritonServer, server_command
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,6 +33,9 @@ REDIS_URL = "redis://redis:6379/0"
 USERS_DIR = "/srv/users"  # the named volume the histories job writes users.txt into and the load test reads
 GATEWAY_PORT = 8080
 GRAFANA_PORT = 3000
+CLUSTER_GATEWAY_PORT = 8081  # the `cluster` profile's gateway, on loopback too
+CLUSTER_NODES = [f"redis-cluster-{i}" for i in range(1, 7)]  # 3 masters, a replica each
+CLUSTER_SEED_URL = "redis://172.28.16.11:6379/0"
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -152,7 +156,7 @@ def compose_config(docker_compose: str, path: Path) -> subprocess.CompletedProce
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_"))}
     return subprocess.run(
         [docker_compose, "-f", str(path), "--project-directory", str(REPO),
-         "--profile", "loadtest", "--profile", "train", "config", "-q"],
+         "--profile", "loadtest", "--profile", "train", "--profile", "cluster", "config", "-q"],
         capture_output=True, text=True, timeout=120, env=env, check=False)
 
 
@@ -191,9 +195,11 @@ def test_no_top_level_version_or_name(compose: dict) -> None:
 
 def test_only_gateway_and_grafana_publish_ports(services: dict) -> None:
     published = {name: service["ports"] for name, service in services.items() if service.get("ports")}
-    assert set(published) == {"gateway", "grafana"}
+    assert set(published) == {"gateway", "gateway-cluster", "grafana"}
     assert [str(p).rsplit(":", 1)[-1] for p in published["gateway"]] == [str(GATEWAY_PORT)]
     assert [str(p).rsplit(":", 1)[-1] for p in published["grafana"]] == [str(GRAFANA_PORT)]
+    assert published["gateway-cluster"] == [f"127.0.0.1:{CLUSTER_GATEWAY_PORT}:{GATEWAY_PORT}"]
+    assert all(str(p).startswith("127.0.0.1:") for ports in published.values() for p in ports)
 
 
 def test_triton_reserves_a_gpu_and_has_room(services: dict) -> None:
@@ -288,6 +294,61 @@ def test_profiles(services: dict) -> None:
     assert services["trainer"]["profiles"] == ["train"]
     always_on = {name for name, service in services.items() if not service.get("profiles")}
     assert always_on == {"redis", "triton", "load-histories", "gateway", "prometheus", "grafana"}
+    cluster = {name for name, service in services.items() if service.get("profiles") == ["cluster"]}
+    assert cluster == {*CLUSTER_NODES, "redis-cluster-init", "load-histories-cluster", "gateway-cluster"}
+
+
+# --- the `cluster` profile ----------------------------------------------------------------------------------
+
+
+def test_cluster_nodes_run_the_local_launchers_flags(services: dict) -> None:
+    """Every node: the standalone server's append-only file plus the cluster flags a local node gets, its own
+    volume, a fixed address (nodes.conf names peers by address), a PONG healthcheck, no published port."""
+    flags = RedisServer(Path("/data"), 6379, cluster_node_timeout_ms=2000).cluster_args()
+    addresses = []
+    for name in CLUSTER_NODES:
+        node = services[name]
+        command = node["command"]
+        assert command[0] == "redis-server" and " ".join(command).count("--appendonly yes") == 1
+        assert " ".join(flags) in " ".join(command), command
+        assert "ports" not in node and "redis-cli ping | grep -q PONG" in healthcheck_command(node)
+        assert volume(node, "/data")[0] == name
+        addresses.append(node["networks"]["redis-cluster"]["ipv4_address"])
+    assert len(set(addresses)) == len(CLUSTER_NODES)
+    assert f"redis://{addresses[0]}:6379/0" == CLUSTER_SEED_URL
+
+
+def test_cluster_init_creates_three_masters_with_a_replica_each_once(services: dict) -> None:
+    init = services["redis-cluster-init"]
+    script = init["command"][-1]
+    addresses = [services[name]["networks"]["redis-cluster"]["ipv4_address"] for name in CLUSTER_NODES]
+    create = re.search(r"redis-cli --cluster create ((?:\S+:6379 )+)--cluster-replicas (\d) --cluster-yes", script)
+    assert create, script
+    assert create.group(1).split() == [f"{a}:6379" for a in addresses] and create.group(2) == "1"
+    assert script.index("cluster_slots_assigned:16384 ||") < script.index("--cluster create")  # not twice
+    assert "until" in script and "cluster_state:ok" in script  # done only once every slot is served
+    assert {name: spec["condition"] for name, spec in init["depends_on"].items()} == {
+        name: "service_healthy" for name in CLUSTER_NODES}
+    assert init["restart"] == "no"
+
+
+def test_cluster_gateway_and_histories_are_the_local_commands_in_cluster_mode(services: dict) -> None:
+    job, gateway = services["load-histories-cluster"], services["gateway-cluster"]
+    assert job["command"] == load_histories_args(RUN_DIR, CLUSTER_SEED_URL)
+    assert job["environment"] == {"ONEREC_REDIS_MODE": "cluster"}
+    assert job["depends_on"] == {"redis-cluster-init": {"condition": "service_completed_successfully"}}
+    assert volume(job, RUN_DIR)[1] == "ro"
+    assert gateway["command"] == gateway_args("0.0.0.0", GATEWAY_PORT)
+    environment = gateway["environment"]
+    assert environment["ONEREC_REDIS_MODE"] == "cluster" and environment["ONEREC_REDIS_URL"] == CLUSTER_SEED_URL
+    local = StackConfig(run=Path("run"), redis_cluster=3, redis_replicas=1)  # what `onerec up` gives its gateway
+    assert {k: environment[k] for k in local.redis_env()} == local.redis_env()
+    assert {k: v for k, v in environment.items() if not k.startswith("ONEREC_REDIS_")} == {
+        k: v for k, v in services["gateway"]["environment"].items() if not k.startswith("ONEREC_REDIS_")}
+    assert set(gateway["networks"]) == {"default", "redis-cluster"}
+    assert {name: spec["condition"] for name, spec in gateway["depends_on"].items()} == {
+        "triton": "service_healthy", "load-histories-cluster": "service_completed_successfully"}
+    assert f"127.0.0.1:{GATEWAY_PORT}/readyz" in healthcheck_command(gateway)
 
 
 def test_observability_mounts(services: dict) -> None:

@@ -1,4 +1,5 @@
-"""The gateway in a real uvicorn process over a real redis-server and the real tritonserver, on loopback."""
+"""The gateway in a real uvicorn process over the real tritonserver and, in turn, a real redis-server and a real
+local Redis Cluster of 3 masters (ONEREC_REDIS_MODE=standalone|cluster), on loopback: every test runs in both."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 
 from onerec.config import BeamConfig
 from onerec.data.sessions import Sessions
@@ -25,9 +25,9 @@ from onerec.recommend import sessions_to_videos
 from onerec.tokenizer.catalog import Catalog
 from stack.gateway import GatewayProcess
 from stack.probes import free_ports
-from stack.redis_server import RedisServer
 from stack.triton import TritonPorts, TritonServer
 from tests.conftest import run_cli
+from tests.redis_backends import MODES, RedisBackend
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -35,41 +35,57 @@ BEAM = BeamConfig(beam_width=16, num_sessions=4)
 TRITON_TIMEOUT_S = 10.0
 
 
-class Stack:
-    """Redis + Triton + gateway; the tests stop and restart the first two on the same ports."""
+class Triton:
+    """The module's one tritonserver, shared by both Redis modes' stacks; a test kills and restarts it."""
 
     def __init__(self, repo: Path, work: Path) -> None:
         self.repo, self.work = repo, work
-        redis_port, gateway_port, *triton_ports = free_ports(5)
-        self.redis = RedisServer(work / "redis", redis_port)
-        self.triton_ports = TritonPorts(*triton_ports)
-        self.triton = TritonServer(repo, work / "triton", self.triton_ports)
-        self.gateway = GatewayProcess(gateway_port, {
-            "ONEREC_REDIS_URL": self.redis.url, "ONEREC_TRITON_URL": self.triton.grpc_url,
+        self.ports = TritonPorts(*free_ports(3))
+        self.server = TritonServer(repo, work, self.ports)
+
+    def restart(self) -> None:
+        self.server = TritonServer(self.repo, self.work, self.ports).start()
+
+
+class Stack:
+    """Redis (`mode`) + the shared Triton + a gateway; the tests stop and restart Redis and Triton on their ports."""
+
+    def __init__(self, mode: str, triton: Triton, repo: Path, work: Path) -> None:
+        self.mode = mode
+        self.shared_triton = triton
+        self.redis = RedisBackend(mode, work / "redis")
+        self.gateway = GatewayProcess(free_ports(1)[0], {
+            **self.redis.gateway_env(), "ONEREC_TRITON_URL": triton.server.grpc_url,
             "ONEREC_MODEL_REPO": str(repo), "ONEREC_BEAM_WIDTH": str(BEAM.beam_width),
             "ONEREC_NUM_SESSIONS": str(BEAM.num_sessions), "ONEREC_TRITON_TIMEOUT_S": str(TRITON_TIMEOUT_S),
             "ONEREC_BREAKER_RESET_S": "0.5", "ONEREC_SYNC_INTERVAL_S": "1"}, work / "gateway.log")
 
+    @property
+    def triton(self) -> TritonServer:
+        return self.shared_triton.server
+
     @contextlib.contextmanager
     def running(self) -> Iterator[Stack]:
-        """Redis, Triton, then the gateway; stopped in the reverse order, however the block ends."""
+        """Redis, then the gateway; stopped in the reverse order, however the block ends."""
         self.redis.start()
         try:
-            self.triton.start()
+            self.gateway.start()
             try:
-                self.gateway.start()
                 yield self
             finally:
                 self.gateway.stop()
-                self.triton.stop()
         finally:
             self.redis.stop()
 
     def restart_triton(self) -> None:
-        self.triton = TritonServer(self.repo, self.work / "triton", self.triton_ports).start()
+        self.shared_triton.restart()
 
     def restart_redis(self) -> None:
-        self.redis = RedisServer(self.work / "redis", self.redis.port).start()
+        self.redis.restart()
+
+    def history(self, user: str) -> list[bytes]:
+        """The user's stored history, read with the contract's key (DESIGN.md §4) by a client of the right kind."""
+        return self.redis.client().lrange(f"onerec:history:{{{user}}}", 0, -1)
 
     def post(self, path: str, body: dict, timeout: float = 30.0) -> tuple[int, dict, dict]:
         request = urllib.request.Request(self.gateway.url + path, json.dumps(body).encode(),
@@ -82,8 +98,18 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(exported_repo: Path, tmp_path_factory: pytest.TempPathFactory):
-    s = Stack(exported_repo, tmp_path_factory.mktemp("gateway-stack"))
+def triton(exported_repo: Path, tmp_path_factory: pytest.TempPathFactory):
+    shared = Triton(exported_repo, tmp_path_factory.mktemp("triton"))
+    shared.server.start()
+    try:
+        yield shared
+    finally:
+        shared.server.stop()
+
+
+@pytest.fixture(scope="module", params=MODES)
+def stack(request, triton: Triton, exported_repo: Path, tmp_path_factory: pytest.TempPathFactory):
+    s = Stack(request.param, triton, exported_repo, tmp_path_factory.mktemp(f"gateway-{request.param}"))
     with s.running():
         yield s
 
@@ -118,8 +144,7 @@ def test_events_then_recommend(stack, catalog, test_histories):
     watched = test_histories[0][:10][::-1]  # oldest first, as events arrive
     status, body, _ = stack.post("/events", {"user_id": "it:user-1", "video_ids": watched})
     assert status == 200 and body["stored"] == 10 and body["history_length"] == 10
-    stored = redis.Redis.from_url(stack.redis.url).lrange("onerec:history:it:user-1", 0, -1)
-    assert [int(v) for v in stored] == watched[::-1]  # most recent first
+    assert [int(v) for v in stack.history("it:user-1")] == watched[::-1]  # most recent first
     status, body, headers = stack.post("/recommend", {"user_id": "it:user-1"})
     assert status == 200 and body["source"] == "model", body
     videos = five_distinct(body, catalog)
@@ -144,7 +169,7 @@ def test_int64_edge_video_id_end_to_end(stack, catalog, test_histories):
     watched = test_histories[5][:5][::-1]
     status, body, _ = stack.post("/events", {"user_id": "it:edge", "video_ids": [*watched, edge]})
     assert status == 200 and body["stored"] == 6, body
-    assert redis.Redis.from_url(stack.redis.url).lindex("onerec:history:it:edge", 0) == str(edge).encode()
+    assert stack.history("it:edge")[0] == str(edge).encode()
     status, body, _ = stack.post("/recommend", {"user_id": "it:edge"})
     assert status == 200 and body["source"] == "model", body
     five_distinct(body, catalog)
@@ -183,21 +208,23 @@ def test_blocking_a_recommended_video_removes_it_within_5s_and_unblocking_brings
     and the user still gets 5 distinct videos, all 5 from the model (v's SID is banned inside the beam search,
     so the answer is torch's own search with v excluded); `onerec unblock v` brings the first answer back."""
     history = test_histories[6]
-    client = redis.Redis.from_url(stack.redis.url)
-    client.delete("onerec:blocked", "onerec:history:it:block")
-    client.rpush("onerec:history:it:block", *history)  # most recent first
+    client = stack.redis.client()
+    client.delete("onerec:blocked")
+    client.delete("onerec:history:{it:block}")  # two slots in a cluster: two commands
+    client.rpush("onerec:history:{it:block}", *history)  # most recent first
     request = {"user_id": "it:block"}
+    where = ["--redis-url", stack.redis.url, "--redis-mode", stack.mode]
     status, body, _ = stack.post("/recommend", request)
     assert status == 200 and body["source"] == "model", body
     before = five_distinct(body, catalog)
     video = before[0]
     popular = int(catalog.most_popular(1, exclude=[video])[0])  # what a cold-start user is shown first
-    code, out, err = run_cli("block", video, popular, "--redis-url", stack.redis.url, "--json")
+    code, out, err = run_cli("block", video, popular, *where, "--json")
     try:
         assert code == 0 and json.loads(out)["blocked"] == [video, popular], err
         blocked_answers(stack, catalog, tiny_run, history, request, video, popular)
     finally:
-        code, _, err = run_cli("unblock", video, popular, "--redis-url", stack.redis.url)
+        code, _, err = run_cli("unblock", video, popular, *where)
     assert code == 0, err
     answer_until(stack, request, lambda videos: videos == before, "unblocked video not back")
 
@@ -257,7 +284,7 @@ def test_triton_killed_falls_back_then_recovers_within_5s(stack, catalog, test_h
 
 
 def test_redis_hanging_recommend_answers_within_budget_and_events_are_refused(stack):
-    stack.redis.pause()  # SIGSTOP: connections are accepted, nothing is answered
+    stack.redis.pause()  # SIGSTOP (every node of a cluster): connections are accepted, nothing is answered
     try:
         start = time.monotonic()
         status, body, _ = stack.post("/recommend", {"user_id": "it:user-1"})
@@ -277,7 +304,7 @@ def test_redis_stopped_events_503_and_nothing_acknowledged_is_lost(stack, catalo
         status, _, _ = stack.post("/events", {"user_id": f"it:ack-{i % 3}", "video_ids": [int(i)]})
         assert status == 200
         acknowledged.append((f"it:ack-{i % 3}", i))
-    stack.redis.stop()
+    stack.redis.stop()  # the server, or every node of the cluster
     status, body, headers = stack.post("/events", {"user_id": "it:ack-0", "video_ids": [999]})
     assert status == 503 and body["code"] == "redis_unavailable" and int(headers["retry-after"]) >= 1
     start = time.monotonic()
@@ -288,10 +315,9 @@ def test_redis_stopped_events_503_and_nothing_acknowledged_is_lost(stack, catalo
         urllib.request.urlopen(stack.gateway.url + "/readyz")  # noqa: S310
     assert not_ready.value.code == 503
     stack.restart_redis()
-    client = redis.Redis.from_url(stack.redis.url)
     for user, video in acknowledged:
-        assert str(video).encode() in client.lrange(f"onerec:history:{user}", 0, -1), (user, video)
-    assert b"999" not in client.lrange("onerec:history:it:ack-0", 0, -1)  # refused, so not stored
+        assert str(video).encode() in stack.history(user), (user, video)
+    assert b"999" not in stack.history("it:ack-0")  # refused, so not stored
     status, _, _ = stack.post("/events", {"user_id": "it:ack-0", "video_ids": [1000]})
     assert status == 200  # the pool reconnects on its own
 
@@ -308,6 +334,7 @@ def test_metrics_count_what_happened(stack):
 
 
 
+@pytest.mark.parametrize("stack", ["standalone"], indirect=True)  # the HTTP contract: one Redis mode is enough
 def test_schemathesis_all_checks_against_the_live_gateway(stack, tmp_path):
     """As a new user would run it: `schemathesis run --checks all` on the live gateway (real Redis and Triton
     behind), the negative-data-rejection and positive-data-acceptance checks included."""

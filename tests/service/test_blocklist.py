@@ -1,5 +1,5 @@
 """The blocklist cache on a fake clock (TTL, one read per expiry, last known set while Redis is down), then against
-a real redis-server: `onerec block|unblock`, a stopped server, a hanging one."""
+a real redis-server and a real local Redis Cluster: `onerec block|unblock`, a stopped server."""
 
 from __future__ import annotations
 
@@ -9,14 +9,12 @@ import logging
 
 import pytest
 import redis
-import redis.asyncio as aioredis
 
 from service.blocklist import Blocklist, change_blocklist, parse_ids
 from service.history import open_redis
 from service.metrics import Metrics
-from stack.probes import free_ports
-from stack.redis_server import RedisServer
 from tests.conftest import run_cli
+from tests.redis_backends import MODES, RedisBackend
 
 KEY = "test:blocked"
 
@@ -147,23 +145,24 @@ def test_members_that_are_not_video_ids_are_ignored():
 # --- against a real redis-server -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with RedisServer(tmp_path_factory.mktemp("redis"), free_ports(1)[0]) as srv:
-        yield srv
+@pytest.fixture(scope="module", params=MODES)
+def server(request, tmp_path_factory):
+    with RedisBackend(request.param, tmp_path_factory.mktemp(f"redis-{request.param}")) as backend:
+        yield backend
 
 
 @pytest.mark.integration
 def test_block_and_unblock_commands(server):
-    client = redis.Redis.from_url(server.url)
+    client = server.client()
     client.delete(KEY)
-    code, out, err = run_cli("block", "5", "7", "5", "--redis-url", server.url, "--key", KEY, "--json")
+    where = ["--redis-url", server.url, "--redis-mode", server.mode, "--key", KEY]
+    code, out, err = run_cli("block", "5", "7", "5", *where, "--json")
     assert code == 0, err
     assert json.loads(out) == {"key": KEY, "blocked": [5, 7], "already_blocked": [], "size": 2}
-    code, out, _ = run_cli("block", "7", "9", "--redis-url", server.url, "--key", KEY)
+    code, out, _ = run_cli("block", "7", "9", *where)
     assert code == 0 and out.strip() == f"blocked 1 video(s), 1 already blocked; 3 blocked in {KEY}"
     assert client.smembers(KEY) == {b"5", b"7", b"9"}
-    code, out, _ = run_cli("unblock", "7", "8", "--redis-url", server.url, "--key", KEY, "--json")
+    code, out, _ = run_cli("unblock", "7", "8", *where, "--json")
     assert code == 0
     assert json.loads(out) == {"key": KEY, "unblocked": [7], "not_blocked": [8], "size": 2}
     assert change_blocklist(client, KEY, [2**63 - 1], block=True).size == 3  # the int64 edge is a video id
@@ -174,6 +173,9 @@ def test_block_and_unblock_commands(server):
     (["block", "--", "-1"], "VIDEO: -1 is not a video id"),
     (["block", str(2**63)], "is not a video id"),
     (["unblock", "1", "--redis-url", "redis://127.0.0.1:9/0"], "--redis-url redis://127.0.0.1:9/0"),
+    (["block", "1", "--redis-url", "redis://127.0.0.1:9/0", "--redis-mode", "cluster"],
+     "--redis-url redis://127.0.0.1:9/0"),
+    (["block", "1", "--redis-mode", "sentinel"], "--redis-mode: 'sentinel'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle):
     code, out, err = run_cli(*args)
@@ -181,17 +183,18 @@ def test_bad_input_is_one_line_and_exit_2(args, needle):
 
 
 @pytest.mark.integration
-def test_the_cache_reads_the_real_set_and_survives_the_server_stopping(tmp_path):
-    srv = RedisServer(tmp_path / "redis", free_ports(1)[0]).start()
+@pytest.mark.parametrize("mode", MODES)
+def test_the_cache_reads_the_real_set_and_survives_the_server_stopping(tmp_path, mode):
+    backend = RedisBackend(mode, tmp_path / "redis").start()
     try:
-        redis.Redis.from_url(srv.url).sadd(KEY, 11, 12)
+        backend.client().sadd(KEY, 11, 12)
 
         async def scenario():
-            client: aioredis.Redis = open_redis(srv.url, 0.2)
+            client = open_redis(backend.url, 0.2, mode)
             blocklist = Blocklist(client, KEY, ttl_s=0.05, timeout=0.2, metrics=Metrics())
             try:
                 first = await blocklist.current()
-                srv.stop()
+                backend.stop()
                 await asyncio.sleep(0.1)
                 during = await blocklist.current()
                 return first, during, blocklist.stale
@@ -200,4 +203,4 @@ def test_the_cache_reads_the_real_set_and_survives_the_server_stopping(tmp_path)
 
         assert asyncio.run(scenario()) == ({11, 12}, {11, 12}, True)
     finally:
-        srv.stop()
+        backend.stop()

@@ -1,11 +1,14 @@
-"""`onerec up` / `onerec down` pieces without servers: state file, export check, ports, stopping, the printout."""
+"""`onerec up` / `onerec down` pieces without servers (state file, export check, ports, stopping, the printout), and
+the local Redis Cluster of `onerec up --redis-cluster` started and loaded for real."""
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from stack.local import Stack, StackConfig, StackState, describe, stop_pid
 from stack.probes import free_ports, pid_alive
 from stack.triton import TritonPorts
 from tests.conftest import run_cli
+from tests.redis_backends import cluster_port
 
 
 def state(tmp_path: Path) -> StackState:
@@ -90,3 +94,95 @@ def test_cli_without_a_running_stack(tmp_path):
     assert code == 2 and "no stack running" in err
     code, out, _ = run_cli("status", "--run", tmp_path, "--json")
     assert code == 0 and json.loads(out)["running"] is False
+
+
+# --- `onerec up --redis-cluster N [--redis-replicas R]` ----------------------------------------------------------
+
+
+def test_an_old_state_file_reads_as_standalone(tmp_path):
+    fields = {k: v for k, v in asdict(state(tmp_path)).items() if k not in ("redis_mode", "redis_urls")}
+    (tmp_path / "stack.json").write_text(json.dumps(fields))
+    read = StackState.read(tmp_path)
+    assert read is not None and read.redis_mode == "standalone" and read.redis_urls == []
+
+
+def test_cluster_settings_for_the_gateway_and_load_histories(tmp_path):
+    assert StackConfig(run=tmp_path).redis_env() == {"ONEREC_REDIS_MODE": "standalone"}
+    assert StackConfig(run=tmp_path, redis_cluster=3).redis_env() == {"ONEREC_REDIS_MODE": "cluster"}
+    assert StackConfig(run=tmp_path, redis_cluster=3, redis_replicas=2).redis_env() == {
+        "ONEREC_REDIS_MODE": "cluster", "ONEREC_REDIS_WAIT_REPLICAS": "1"}
+
+
+def test_cluster_ports_in_use_or_clashing_are_refused(tmp_path):
+    base = cluster_port(6)
+    gateway, *triton = free_ports(4)
+    cfg = StackConfig(run=tmp_path, gateway_port=gateway, redis_port=base, redis_cluster=3, redis_replicas=1,
+                      triton_ports=TritonPorts(*triton))
+    Stack(cfg)._check_ports()  # all free
+    for busy_port, shown in ((base + 4, f"--redis-port {base} (port {base + 4})"),
+                             (base + 10002, f"(port {base + 10002})")):
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", busy_port))
+            busy.listen()
+            with pytest.raises(UsageError, match=re.escape(shown)):
+                Stack(cfg)._check_ports()
+    clash = StackConfig(run=tmp_path, gateway_port=base + 2, redis_port=base, redis_cluster=3,
+                        triton_ports=TritonPorts(*triton))
+    with pytest.raises(UsageError, match=r"clash with \[" + str(base + 2)):
+        Stack(clash)._check_ports()
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--redis-cluster", "2"], "--redis-cluster: a Redis Cluster needs at least 3 masters"),
+    (["--redis-replicas", "1"], "needs --redis-cluster"),
+    (["--redis-cluster", "3", "--redis-replicas", "-1"], "--redis-replicas -1: must be >= 0"),
+])
+def test_up_refuses_a_cluster_that_cannot_be(tmp_path, args, needle):
+    code, _, err = run_cli("up", "--run", tmp_path, *args)
+    assert code == 2 and needle in err
+
+
+def test_down_stops_every_cluster_node(tmp_path):
+    sleepers = {name: subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+                for name in ("redis:7001", "redis:7002", "redis:7003", "gateway")}
+    cluster_state = state(tmp_path)
+    cluster_state.pids = {name: p.pid for name, p in sleepers.items()}
+    cluster_state.redis_mode = "cluster"
+    cluster_state.write(tmp_path)
+    stopped = Stack(StackConfig(run=tmp_path, state_dir=tmp_path)).down()
+    assert list(stopped) == ["gateway", "redis:7001", "redis:7002", "redis:7003"]  # the gateway first
+    assert set(stopped.values()) == {"stopped"}
+    for process in sleepers.values():
+        process.wait(5)
+    assert StackState.read(tmp_path) is None
+
+
+@pytest.mark.integration
+def test_the_stack_starts_a_cluster_and_loads_the_histories_into_it(tmp_path, tiny_run):
+    """What `onerec up --redis-cluster 3 --redis-replicas 1` does before Triton: six nodes from the stack's own
+    redis-server, joined into 3 masters with a replica each, and load-histories writing into them in cluster mode;
+    a second start on the same directory is the same cluster with its data, another shape is refused."""
+    from service.history import connect, history_key
+    from stack.redis_cluster import RedisCluster
+
+    cfg = StackConfig(run=tiny_run, state_dir=tmp_path / "stack", redis_port=cluster_port(6), redis_cluster=3,
+                      redis_replicas=1)
+    stack = Stack(cfg)
+    stack.logs.mkdir(parents=True)
+    cluster = stack._start_redis()
+    try:
+        assert isinstance(cluster, RedisCluster) and len(cluster.nodes) == 6
+        assert sorted(cluster.role(node) for node in cluster.nodes) == ["master"] * 3 + ["slave"] * 3
+        users, _ = stack._load_histories(cluster.url)
+        loaded = users.read_text().split()
+        client = connect(cluster.url, "cluster", timeout=5)
+        assert all(client.llen(history_key("onerec:history:", user)) > 0 for user in loaded)
+        assert {cluster.master_of(history_key("onerec:history:", u)).port for u in loaded} == {
+            node.port for node in cluster.nodes if cluster.role(node) == "master"}
+        cluster.restart()
+        assert connect(cluster.url, "cluster", timeout=5).llen(history_key("onerec:history:", loaded[0])) > 0
+    finally:
+        cluster.stop()
+    with pytest.raises(UsageError, match="holds a Redis Cluster of"):
+        Stack(StackConfig(run=tiny_run, state_dir=tmp_path / "stack", redis_port=cfg.redis_port, redis_cluster=4,
+                          ))._start_redis()

@@ -150,6 +150,26 @@ class RedisHistory:
             raise HistoryError(f"redis: stored on the master but {acked} of {self.wait_replicas} replica(s) "
                                f"confirmed within {wait_ms} ms")
 
+    async def connect(self, timeout: float = 5.0) -> bool:
+        """Read a cluster's slot map now, with a longer bound than a request's (a request that has to read it
+        first would spend its whole timeout on it); False, and logged, when Redis does not answer: the client
+        reads it again on first use. A standalone client connects on first use."""
+        if not self.cluster:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self.client.initialize()
+        except REDIS_ERRORS as e:
+            log.error("redis cluster %s: slot map not read (%s: %s); retried on first use", self.describe(),
+                      type(e).__name__, e)
+            return False
+        return True
+
+    def describe(self) -> str:
+        if not self.cluster:
+            return "standalone"
+        return ", ".join(node.name for node in self.client.get_nodes()) or "no nodes known"
+
     async def ping(self) -> bool:
         """Redis answers: PING (every master of a cluster, whose state must be `ok`: all slots served)."""
         try:

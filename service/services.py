@@ -130,6 +130,7 @@ class Services:
 
     async def open(self) -> Services:
         await self.pin.load_local()
+        await self.history.connect()  # a cluster's slot map, before the first request needs it
         await self.pin.sync()
         await self.blocklist.current()  # the first read before the first answer (a dead Redis is logged)
         self._task = asyncio.create_task(self._sync_loop(), name="onerec-version-sync")

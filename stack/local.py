@@ -274,9 +274,15 @@ class Stack:
         state = StackState.read(self.cfg.state)
         if state is None:
             return {}
-        order = [name for name in reversed(SERVICES) if name in state.pids] + sorted(
-            name for name in state.pids if name.startswith("redis:"))  # a cluster's nodes after the gateway
-        result = {name: stop_pid(name, state.pids[name]) for name in order}
+        result = {name: stop_pid(name, state.pids[name]) for name in reversed(SERVICES) if name in state.pids}
+        nodes = sorted(name for name in state.pids if name.startswith("redis:"))  # a cluster's, after the gateway
+        running = {name for name in nodes if pid_alive(state.pids[name])}
+        for name in running:  # all at once (each flushes its own append-only file), then wait for each
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(state.pids[name], signal.SIGTERM)
+        for name in nodes:
+            outcome = stop_pid(name, state.pids[name])
+            result[name] = "stopped" if outcome == "not running" and name in running else outcome
         server_pid = self.cfg.state / "triton" / "tritonserver.pid"  # `onerec triton` stops it on SIGTERM; if
         if server_pid.is_file():  # that process was killed instead, the server it started is stopped here
             leftover = stop_pid("tritonserver", int(server_pid.read_text()))

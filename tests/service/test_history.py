@@ -319,3 +319,17 @@ def test_served_items_never_fails_when_redis_is_down(mode):
         return count
 
     assert run(scenario()) is None
+
+
+def test_connect_reads_the_slot_map_up_front_or_says_why_not(server, caplog):
+    async def scenario(url: str):
+        store = RedisHistory(open_redis(url, 0.3, server.mode), "test:h:", 4, 0.3)
+        try:
+            return await store.connect(timeout=1.0), await store.ping()
+        finally:
+            await store.close()
+
+    assert run(scenario(server.url)) == (True, True)
+    with caplog.at_level("ERROR", logger="service.history"):
+        assert run(scenario(dead_url())) == (server.mode == "standalone", False)
+    assert ("slot map not read" in caplog.text) == (server.mode == "cluster")

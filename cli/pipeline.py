@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +13,7 @@ import typer
 from cli.common import JsonOption, LimitOption, ReuseOption, RunOption, Split, SplitOption, progress, user_errors
 from onerec import stages
 from onerec.data.sources import SourceOptions, source_names
+from onerec.errors import UsageError
 from onerec.runs import RunDir
 
 app = typer.Typer()
@@ -83,10 +85,37 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from checkpoints/last.")] = False,
     reuse: ReuseOption = False,
+    nproc: Annotated[int, typer.Option(help="Train data-parallel in N processes on this machine: launches torchrun "
+        "(DDP, gloo on the CPU, nccl on GPUs); --batch-size stays the global batch.")] = 1,
 ) -> None:
-    """Next-token training on the train sessions; keeps the best model by validation loss in RUN/model."""
+    """Next-token training on the train sessions; keeps the best model by validation loss in RUN/model. Also runs
+    under `torchrun --nproc-per-node N -m cli train ...` (rank 0 writes the checkpoints, the model and train.json)."""
+    if nproc < 1:
+        raise UsageError(f"--nproc: must be at least 1, got {nproc}")
+    if nproc > 1:
+        options = {"--preset": preset, "--epochs": epochs, "--lr": lr, "--batch-size": batch_size, "--seed": seed,
+                   "--device": device}
+        raise typer.Exit(code=_torchrun(nproc, RunDir(run_dir), options, resume=resume, reuse=reuse))
     stages.train(RunDir(run_dir), preset, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
                  resume=resume, reuse=reuse, progress=progress())
+
+
+def _torchrun(nproc: int, run: RunDir, options: dict[str, object], resume: bool, reuse: bool) -> int:
+    """`onerec train` with these options in `nproc` torchrun processes; its exit code. Bad options fail here first,
+    with one line, not once per rank."""
+    from onerec.train.distributed import launched_world_size, torchrun_command
+
+    if launched_world_size() > 1:
+        raise UsageError("--nproc: already running under torchrun; drop --nproc")
+    if not (reuse and run.is_complete("train")):
+        stages.train_preset(run, **{name.lstrip("-").replace("-", "_"): value for name, value in options.items()})
+    args = ["train", "--run", str(run.root)]
+    args += [part for name, value in options.items() if value is not None for part in (name, str(value))]
+    args += ["--resume"] * resume + ["--reuse"] * reuse
+    code = subprocess.call(torchrun_command(nproc, "cli", args))
+    if code != 0:
+        typer.echo(f"error: torchrun --nproc-per-node {nproc} exited with code {code}", err=True)
+    return code
 
 
 # --- evaluate ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from onerec.config import DataConfig, TokenizerConfig, from_dict, get_preset, save_json, to_dict
+from onerec.config import DataConfig, Preset, TokenizerConfig, from_dict, get_preset, save_json, to_dict
 from onerec.data.interactions import item_rows
 from onerec.data.sources import SourceOptions, get_source, item_attributes
 from onerec.errors import UsageError
@@ -187,41 +187,59 @@ def _counts(items: np.ndarray, video_ids: np.ndarray) -> np.ndarray:
 # --- train ------------------------------------------------------------------------------------------------
 
 
-def train(run: RunDir, preset: str | None = None, epochs: int | None = None, lr: float | None = None,
-          batch_size: int | None = None, seed: int | None = None, device: str | None = None, resume: bool = False,
-          reuse: bool = False, progress: bool = False) -> Completed:
-    """Next-token training on the train sessions; keeps the best epoch by the preset's `train.select` (validation
-    loss or the validation ranking) in RUN/model. The
-    overrides replace the preset's training settings; `resume` continues from RUN/checkpoints/last."""
-    from onerec.data.sessions import Sessions
-    from onerec.data.sid import SidSessions
-    from onerec.tokenizer.catalog import Catalog
-    from onerec.train.ntp import train as train_model
-
+def train_preset(run: RunDir, preset: str | None = None, epochs: int | None = None, lr: float | None = None,
+                 batch_size: int | None = None, seed: int | None = None, device: str | None = None) -> Preset:
+    """The preset `train` trains with: the run's (or `preset`) with the overrides and the run's data config; a
+    UsageError for a run without a catalog, an unknown preset or a non-positive setting (checked before a launch)."""
     run.require("tokenize")
-    if run.is_complete("train") and reuse:
-        return _reused(run, "train", run.model)
     chosen = get_preset(run_preset(run, preset))
     train_cfg = _override(chosen.train, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
     if train_cfg.epochs < 1 or train_cfg.batch_size < 1 or train_cfg.lr <= 0:
         raise UsageError("--epochs/--batch-size/--lr: must be positive")
     data_cfg = from_dict(DataConfig, run.read_marker("prepare")["data"])
-    chosen = dataclasses.replace(chosen, train=train_cfg, data=data_cfg)
+    return dataclasses.replace(chosen, train=train_cfg, data=data_cfg)
+
+
+def train(run: RunDir, preset: str | None = None, epochs: int | None = None, lr: float | None = None,
+          batch_size: int | None = None, seed: int | None = None, device: str | None = None, resume: bool = False,
+          reuse: bool = False, progress: bool = False) -> Completed:
+    """Next-token training on the train sessions; keeps the best epoch by the preset's `train.select` (validation
+    loss or the validation ranking) in RUN/model. The
+    overrides replace the preset's training settings; `resume` continues from RUN/checkpoints/last.
+
+    Under torchrun with several processes it trains data-parallel (`onerec.train.distributed`; the batch size is
+    the global batch); rank 0 writes the checkpoints, RUN/model and the marker."""
+    from onerec.data.sessions import Sessions
+    from onerec.data.sid import SidSessions
+    from onerec.tokenizer.catalog import Catalog
+    from onerec.train.distributed import process_group
+    from onerec.train.ntp import train as train_model
+
+    run.require("tokenize")
+    if run.is_complete("train") and reuse:
+        return _reused(run, "train", run.model)
+    chosen = train_preset(run, preset, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
+    train_cfg = chosen.train
     catalog = Catalog.load(run.catalog)
     history_len = chosen.model.history_len
     train_data = SidSessions.from_sessions(Sessions.load(run.sessions("train")), catalog, history_len)
     val_data = SidSessions.from_sessions(Sessions.load(run.sessions("val")), catalog, history_len)
-    run.invalidate_from("train")
-    if not resume:
-        shutil.rmtree(run.checkpoint, ignore_errors=True)
-    result = train_model(chosen, catalog, train_data, val_data, run.checkpoint, run.model, resume=resume,
-                         progress=progress)
-    marker = {"preset": chosen.name, "train": to_dict(train_cfg), "best_epoch": result.best_epoch,
-              "best_val_loss": result.best_val_loss, "history": result.history,
-              "seconds": round(result.seconds, 1), "catalog_hash": catalog.content_hash}
-    run.complete("train", marker)
-    log.info("train: best epoch %d val_loss %.4f in %.0fs -> %s", result.best_epoch, result.best_val_loss,
-             result.seconds, run.model)
+    with process_group(train_cfg.device) as cluster:
+        if cluster.is_main:
+            run.invalidate_from("train")
+            if not resume:
+                shutil.rmtree(run.checkpoint, ignore_errors=True)
+        cluster.barrier()  # the other ranks read the checkpoint (resume) only once rank 0 has set the run up
+        result = train_model(chosen, catalog, train_data, val_data, run.checkpoint, run.model, resume=resume,
+                             progress=progress, cluster=cluster)
+        marker = {"preset": chosen.name, "train": to_dict(train_cfg), "best_epoch": result.best_epoch,
+                  "best_val_loss": result.best_val_loss, "history": result.history,
+                  "seconds": round(result.seconds, 1), "catalog_hash": catalog.content_hash,
+                  "processes": cluster.world_size}
+        if cluster.is_main:
+            run.complete("train", marker)
+            log.info("train: best epoch %d val_loss %.4f in %.0fs -> %s", result.best_epoch, result.best_val_loss,
+                     result.seconds, run.model)
     return Completed(marker)
 
 

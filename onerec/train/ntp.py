@@ -1,5 +1,9 @@
 """Next-token training of the encoder-decoder on target sessions: batching, the loop, checkpoints, resume.
 
+One process, or several under torchrun (`onerec.train.distributed`): every rank draws the same global batches and
+trains on its shard of each with DistributedDataParallel; rank 0 validates and writes the checkpoint, the model and
+the step log (checkpoint_dir/steps.jsonl: one JSON line per optimizer step with the global batch's loss).
+
 Legend: S sessions, B batch, N history positions, m items per session, L levels, K codes.
 """
 
@@ -26,8 +30,11 @@ from onerec.device import resolve_device
 from onerec.errors import UsageError
 from onerec.model.onerec import OneRecModel, load_model, save_model
 from onerec.tokenizer.catalog import Catalog
+from onerec.train.distributed import Cluster, RoutingTap, global_loss, shard
 
 log = logging.getLogger(__name__)
+
+STEPS = "steps.jsonl"  # in the checkpoint directory: {"step", "epoch", "loss", "aux", "lr"} per optimizer step
 
 
 def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -156,6 +163,20 @@ def load_checkpoint(directory: Path, device: torch.device) -> tuple[OneRecModel,
     return model, {"state": state, "param_groups": groups}, progress
 
 
+def append_steps(path: Path, records: list[dict[str, Any]]) -> None:
+    """Add one epoch's step records to the step log (before the checkpoint's progress file is written)."""
+    with path.open("a") as out:
+        out.writelines(json.dumps(record) + "\n" for record in records)
+
+
+def read_steps(path: Path, upto: int | None = None) -> list[dict[str, Any]]:
+    """The step log's records (those with step <= `upto` when given); [] without a log."""
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if upto is None or r["step"] <= upto]
+
+
 # --- the loop ---------------------------------------------------------------------------------------------
 
 
@@ -183,15 +204,23 @@ def train(
     best_dir: Path,
     resume: bool = False,
     progress: bool = True,
+    cluster: Cluster | None = None,
 ) -> TrainResult:
     """Train with Adam on next-token CE + aux; checkpoint each epoch; keep the best epoch's model by
-    `cfg.select` (validation loss, or the validation ranking of the next items)."""
+    `cfg.select` (validation loss, or the validation ranking of the next items).
+
+    With a `cluster` of several processes (torchrun), each rank trains on its shard of every global batch (the same
+    batches as one process: `cfg.batch_size` is the global batch) under DDP, with the loss whose averaged gradient
+    is the whole batch's (`onerec.train.distributed.combine`); rank 0 validates and writes, the others wait. With
+    dropout 0 the per-step losses equal one process's up to float32 summation order (tests/train/
+    test_distributed.py); with dropout each rank draws its own masks."""
+    cluster = cluster or Cluster()
     cfg = preset.train
     if cfg.select not in SELECT_METRICS:
         raise UsageError(f"train.select: unknown metric {cfg.select!r}; use one of {', '.join(SELECT_METRICS)}")
     if len(train_data) == 0:
         raise UsageError("no training sessions: the data has too few positives per user")
-    device = resolve_device(cfg.device)
+    device = cluster.device(resolve_device(cfg.device))
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
@@ -208,33 +237,61 @@ def train(
         optimizer.load_state_dict(opt_state)
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    log.info("training %d sessions (%d val) for %d epochs on %s", len(train_data), len(val_data), cfg.epochs, device)
+    steps_log = checkpoint_dir / STEPS
+    if cluster.is_main:  # the log holds the checkpoint's steps: none when starting afresh
+        kept = read_steps(steps_log, upto=state["step"]) if resume else []
+        steps_log.unlink(missing_ok=True)
+        if kept:
+            append_steps(steps_log, kept)
+    net: torch.nn.Module = model
+    tap = None
+    if cluster.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+        tap = RoutingTap(model)
+    log.info("training %d sessions (%d val) for %d epochs on %s%s", len(train_data), len(val_data), cfg.epochs, device,
+             f" x {cluster.world_size} processes" if cluster.distributed else "")
     started = time.time()
     for epoch in range(state["epoch"], cfg.epochs):
         rng = np.random.default_rng([cfg.seed, epoch])
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout stream per epoch: resume reproduces it
+        # dropout stream per epoch (and rank): resume reproduces it
+        torch.manual_seed(cfg.seed * 100_003 + epoch + cluster.rank * 1_000_000_007)
         model.train()
-        losses, auxes = [], []
+        losses, auxes, steps = [], [], []
         bar = tqdm(epoch_batches(train_data.lengths, cfg.batch_size, rng), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not progress, leave=False)
+                   disable=not (progress and cluster.is_main), leave=False)
         for idx in bar:
+            lr = lr_at(state["step"], total_steps, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(state["step"], total_steps, cfg)
-            history, mask, targets = train_data.batch(idx, model.cfg.history_len)
-            if cfg.shuffle_targets:
-                targets = shuffled_targets(targets, rng)
+                group["lr"] = lr
+            mine, weight = shard(len(idx), cluster)  # one process: every position, weight 1
+            history, mask, targets = train_data.batch(idx[mine], model.cfg.history_len)
+            if cfg.shuffle_targets:  # drawn over the global batch: every rank's rng stays in step
+                targets = shuffled_targets(torch.from_numpy(train_data.targets[idx]), rng)[mine]
             history, mask, targets = history.to(device), mask.to(device), targets.to(device)
-            ce, aux = session_loss(model, history, mask, targets)
-            loss = ce + model.cfg.aux_loss_coef * aux
+            if tap is None:
+                ce, aux = session_loss(model, history, mask, targets)
+                loss = ce + model.cfg.aux_loss_coef * aux
+            else:
+                logits = net(history, mask, targets.clamp_min(0)).logits  # (b, m, L, K)
+                loss, ce_value, aux_value = global_loss(logits, targets, tap.take(), weight,
+                                                        model.cfg.aux_loss_coef, cluster)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             state["step"] += 1
-            losses.append(ce.item())
-            auxes.append(aux.item())
+            if tap is None:
+                ce_value, aux_value = ce.item(), aux.item()
+            losses.append(ce_value)
+            auxes.append(aux_value)
+            steps.append({"step": state["step"], "epoch": epoch + 1, "loss": ce_value, "aux": aux_value, "lr": lr})
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        if not cluster.is_main:  # rank 0 validates and writes; the next epoch starts once it has
+            state["epoch"] = epoch + 1
+            cluster.barrier()
+            continue
         val_loss = evaluate_loss(model, val_data, cfg.batch_size * 2, device)
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "aux_loss": float(np.mean(auxes)),
                   "val_loss": val_loss}
@@ -251,7 +308,12 @@ def train(
         if not score <= state.get("best_score", float("-inf")):  # also true without validation data (nan)
             state["best_val_loss"], state["best_epoch"], state["best_score"] = val_loss, epoch + 1, score
             save_model(model, best_dir)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        append_steps(steps_log, steps)
         save_checkpoint(checkpoint_dir, model, optimizer, state)
+        cluster.barrier()
+    if tap is not None:
+        tap.close()
     return TrainResult(
         best_val_loss=float(state["best_val_loss"]),
         best_epoch=int(state["best_epoch"]),

@@ -78,6 +78,9 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(tiny_run: Path, 
     assert wa.keys() == wb.keys()
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0, msg=name)
+    steps = ntp.read_steps(a / "ckpt" / ntp.STEPS)  # the step log: epoch 1 from before the crash, then epoch 2
+    assert [r["step"] for r in steps] == list(range(1, len(steps) + 1)) and {r["epoch"] for r in steps} == {1, 2}
+    assert ntp.read_steps(b / "ckpt" / ntp.STEPS) == steps
 
 
 def test_resume_without_checkpoint_is_a_usage_error(tiny_run: Path, tmp_path: Path):

@@ -10,12 +10,17 @@ Steps, each reused when its output exists (a run directory's stage markers):
      are dropped from histories and targets, a target left empty drops its session). The test sessions are kept
      whole, so the test users who later watched a held-out item are the ones the study scores;
   3. `onerec tokenize` + `onerec train` on OUT/cold (the held-out items are in no catalog, no SID, no gradient);
-  4. the held-out items added afterwards, twice from the same trained run: with `catalog add` (genres from
-     u.item -> ridge map to the collaborative embedding -> residual nearest centroid per level + a free last code)
-     and with random insertion (a uniformly random free SID each); plus the catalog without them;
-  5. on the test users: how often held-out items are recommended (share of the served top-5 slots, users with one,
-     distinct held-out items shown), their Recall@5/@10 on the users whose test target holds one (hits among the
-     held-out target items / held-out target items), and the ordinary Recall@5 on all users.
+  4. the held-out items added afterwards to copies of the trained run's catalog: with `catalog add` (genres and
+     year from u.item -> ridge map to the collaborative embedding -> residual nearest centroid per level, known
+     prefixes first, + a free last code), the same with `--any-prefix`, with random insertion (a uniformly
+     random free SID each, --random-seeds seeds) and with a random free SID under a random known (L-1)-prefix (the
+     same seeds); plus the catalog without them;
+  5. on the test users, from one beam search each (beam and ranked next items as served): how often held-out items
+     are recommended (share of the top-5 slots, users shown one, distinct held-out items shown), their Recall@5/@10
+     on the users whose test target holds one (hits among the held-out target items / held-out target items), and
+     the ordinary Recall@5 on all users; under two mappings of the generated SIDs to videos: `served` (the gateway's
+     and `onerec evaluate`'s) and TIGER's cold-start retrieval (`prefix match S`: the new items sharing a generated
+     SID's first L-1 codes follow it, at most ceil(S * k) of them in the top k).
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--random-seeds", type=int, default=3, help="random insertions scored, seeds SEED.. (default 3)")
     p.add_argument("--reference", type=Path, default=None,
                    help="a run trained on every item of the same data (e.g. runs/default/ml-100k), scored alike")
+    p.add_argument("--prefix-share", type=float, nargs="*", default=[0.2],
+                   help="also score TIGER's prefix match with at most this share of new items in the top k")
     p.add_argument("--until", choices=("train", "all"), default="all", help="stop after training (default all)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     p.add_argument("--progress", action="store_true", help="progress bars (default: only on a terminal)")
@@ -147,73 +154,114 @@ def catalog_copy(cold: RunDir, out: Path) -> RunDir:
     return RunDir(out)
 
 
-def served_lists(model: Any, catalog: Any, sessions: Sessions, beam: Any, top: int, limit: int | None,
-                 progress: bool) -> tuple[list[int], list[list[int]]]:
-    """The served answer's top `top` videos per test user, exactly as `onerec evaluate` builds it (history excluded,
-    beam search's best next items, then backfill); returns the session rows scored and their lists."""
+def generated(model: Any, catalog: Any, sessions: Sessions, beam: Any, limit: int | None,
+              progress: bool) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
+    """Beam search's ranked next items (R leaves) per test user with a known history item, as `onerec evaluate`
+    and the gateway run it (history excluded); returns the session rows, their leaves and their histories."""
     from tqdm import tqdm
 
     from onerec.model.generate import generate
-    from onerec.recommend import sessions_to_videos
 
     rows = [i for i in range(len(sessions)) if (catalog.rows_of(sessions.history_of(i)) >= 0).any()]
     rows = rows[:limit] if limit else rows
-    lists: list[list[int]] = []
+    leaves: list[np.ndarray] = []
+    histories: list[np.ndarray] = []
     for start in tqdm(range(0, len(rows), 16), desc="score", unit="batch", disable=not progress):
         chunk = rows[start:start + 16]
         videos = [sessions.history_of(i) for i in chunk]
-        histories = [catalog.known_sids(h) for h in videos]
         exclude = [catalog.leaves_of(h) for h in videos]
-        result = generate(model, catalog.trie, histories, beam, exclude=[e[e >= 0] for e in exclude],
-                          session_len=beam.session_len or None)
-        for hist, leaves in zip(videos, result.leaves.cpu().numpy(), strict=True):
-            lists.append(sessions_to_videos(catalog, leaves, exclude=hist.tolist(), k=top).video_ids)
-    return rows, lists
+        result = generate(model, catalog.trie, [catalog.known_sids(h) for h in videos], beam,
+                          exclude=[e[e >= 0] for e in exclude], session_len=beam.session_len or None)
+        leaves += list(result.leaves.cpu().numpy().reshape(len(chunk), -1))
+        histories += videos
+    return rows, leaves, histories
 
 
-def cold_metrics(rows: list[int], lists: list[list[int]], sessions: Sessions, items: np.ndarray) -> dict[str, Any]:
+def served(catalog: Any, leaves: np.ndarray, history: np.ndarray, k: int) -> list[int]:
+    """The gateway's mapping (`onerec.recommend.sessions_to_videos`): each generated leaf's first unseen video."""
+    from onerec.recommend import sessions_to_videos
+
+    return sessions_to_videos(catalog, leaves.reshape(-1, 1), exclude=history.tolist(), k=k).video_ids
+
+
+def prefix_match(catalog: Any, leaves: np.ndarray, history: np.ndarray, k: int, new_by_prefix: dict,
+                 share: float) -> list[int]:
+    """TIGER's cold-start retrieval on top of the served mapping: after each generated leaf's video, the new items
+    whose first L-1 codes equal the leaf's follow it, at most ceil(share * k) of them in the k; then backfill."""
+    banned = set(history.tolist())
+    quota = int(np.ceil(share * k))
+    chosen: list[int] = []
+    for leaf in leaves[leaves >= 0].tolist():
+        if len(chosen) == k:
+            break
+        video = next((int(v) for v in catalog.videos_of_leaf(leaf) if int(v) not in banned), None)
+        if video is not None:
+            chosen.append(video)
+            banned.add(video)
+        for extra in new_by_prefix.get(tuple(catalog.unique_sids[leaf][:-1].tolist()), ()):
+            if len(chosen) == k or quota == 0:
+                break
+            if extra not in banned:
+                chosen.append(extra)
+                banned.add(extra)
+                quota -= 1
+    chosen += [int(v) for v in catalog.most_popular(k - len(chosen), exclude=banned)] if len(chosen) < k else []
+    return chosen
+
+
+def cold_metrics(rows: list[int], lists5: list[list[int]], lists10: list[list[int]], sessions: Sessions,
+                 items: np.ndarray) -> dict[str, Any]:
     """How often the held-out `items` are served and how well, next to the ordinary metrics on every user."""
     from onerec.eval import score_recommendations
 
     new = set(items.tolist())
     targets = [[int(v) for v in sessions.targets[r] if v >= 0] for r in rows]
-    recall5, ndcg5 = score_recommendations(lists, targets, 5)
-    recall10, _ = score_recommendations(lists, targets, 10)
-    top5 = [lst[:5] for lst in lists]
-    shown = [v for lst in top5 for v in lst if v in new]
+    recall5, ndcg5 = score_recommendations(lists5, targets, 5)
+    recall10, _ = score_recommendations(lists10, targets, 10)
+    shown = [v for lst in lists5 for v in lst[:5] if v in new]
     cold_users = [u for u, t in enumerate(targets) if new & set(t)]
-    def new_recall(u: int, k: int) -> float:
+
+    def new_recall(lists: list[list[int]], u: int, k: int) -> float:
         wanted = new & set(targets[u])
         return len(wanted & set(lists[u][:k])) / len(wanted)
-    recall_cold5, _ = score_recommendations([lists[u] for u in cold_users], [targets[u] for u in cold_users], 5)
+
+    recall_cold5, _ = score_recommendations([lists5[u] for u in cold_users], [targets[u] for u in cold_users], 5)
     return {
         "users": len(rows),
         "recall@5": recall5, "ndcg@5": ndcg5, "recall@10": recall10,
-        "new_share_of_top5": len(shown) / max(1, sum(len(lst) for lst in top5)),
-        "users_shown_a_new_item": sum(any(v in new for v in lst) for lst in top5) / max(1, len(rows)),
+        "new_share_of_top5": len(shown) / max(1, 5 * len(rows)),
+        "users_shown_a_new_item": sum(any(v in new for v in lst[:5]) for lst in lists5) / max(1, len(rows)),
         "distinct_new_items_shown": len(set(shown)),
         "cold_users": len(cold_users),
-        "new_recall@5": float(np.mean([new_recall(u, 5) for u in cold_users])) if cold_users else 0.0,
-        "new_recall@10": float(np.mean([new_recall(u, 10) for u in cold_users])) if cold_users else 0.0,
+        "new_recall@5": float(np.mean([new_recall(lists5, u, 5) for u in cold_users])) if cold_users else 0.0,
+        "new_recall@10": float(np.mean([new_recall(lists10, u, 10) for u in cold_users])) if cold_users else 0.0,
         "cold_users_recall@5": recall_cold5,
     }
 
 
 def score(run_model: RunDir, catalog_dir: Path, test: Sessions, items: np.ndarray, args: argparse.Namespace,
           beam: Any) -> dict[str, Any]:
-    import torch
-
+    """Both mappings of one beam search per user: as served today, and with TIGER's prefix match."""
     from onerec.model.onerec import load_model
     from onerec.tokenizer.catalog import Catalog
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = load_model(run_model.model)
     model.eval()
     catalog = Catalog.load(catalog_dir)
     start = time.perf_counter()
-    rows, lists = served_lists(model, catalog, test, beam, 10, args.limit, args.progress)
-    return {**cold_metrics(rows, lists, test, items), "catalog": catalog.content_hash,
-            "catalog_items": catalog.num_items, "seconds": round(time.perf_counter() - start, 1)}
+    rows, leaves, histories = generated(model, catalog, test, beam, args.limit, args.progress)
+    new_by_prefix: dict[tuple[int, ...], list[int]] = {}
+    for video, sid in zip(items.tolist(), catalog.sids_of(items).tolist(), strict=True):
+        if sid[0] >= 0:
+            new_by_prefix.setdefault(tuple(sid[:-1]), []).append(video)
+    out = {"catalog": catalog.content_hash, "catalog_items": catalog.num_items}
+    lists10 = [served(catalog, lv, h, 10) for lv, h in zip(leaves, histories, strict=True)]
+    out["served"] = cold_metrics(rows, [lst[:5] for lst in lists10], lists10, test, items)
+    for share in args.prefix_share:
+        lists = {k: [prefix_match(catalog, lv, h, k, new_by_prefix, share) for lv, h in
+                     zip(leaves, histories, strict=True)] for k in (5, 10)}
+        out[f"prefix match {share:g}"] = cold_metrics(rows, lists[5], lists[10], test, items)
+    return {**out, "seconds": round(time.perf_counter() - start, 1)}
 
 
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
@@ -236,13 +284,17 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     conditions: dict[str, Any] = {}
     start = time.perf_counter()
     conditions["not added"] = score(cold, cold.catalog, test, items, args, beam)
-    placements = [("catalog add", "codebook", args.seed)] + [
-        (f"random insertion (seed {s})", "random", s) for s in range(args.seed, args.seed + args.random_seeds)]
+    placements = [("catalog add", "codebook", args.seed, True), ("catalog add --any-prefix", "codebook", args.seed,
+                                                                  False)] + [
+        (f"random insertion (seed {s})", "random", s, False) for s in range(args.seed, args.seed + args.random_seeds)
+    ] + [(f"random under a known prefix (seed {s})", "random", s, True)
+         for s in range(args.seed, args.seed + args.random_seeds)]
     added: dict[str, Any] = {}
-    for name, placement, seed in placements:
-        copy = catalog_copy(cold, args.out / f"add-{placement}-{seed}")
+    for name, placement, seed, known in placements:
+        copy = catalog_copy(cold, args.out / f"add-{placement}-{seed}{'' if known else '-any'}")
         begin = time.perf_counter()
-        report = add_items(copy, args.data / "u.item", AddConfig(placement=placement, seed=seed))
+        report = add_items(copy, args.data / "u.item", AddConfig(placement=placement, seed=seed,
+                                                                 known_prefixes=known))
         added[name] = {**{k: v for k, v in report.as_json().items() if k not in ("video_ids", "sids")},
                        "command_seconds": round(time.perf_counter() - begin, 3)}
         conditions[name] = score(cold, copy.catalog, test, items, args, beam)
@@ -263,15 +315,17 @@ def _threads() -> int:
 
 
 def table(result: dict[str, Any]) -> str:
-    """The Markdown table of the conditions."""
-    head = ("| condition | new share of top-5 | users shown a new item | new items shown | new Recall@5 | "
-            "new Recall@10 | cold users' Recall@5 | all users' Recall@5 | NDCG@5 |\n|---|---:|---:|---:|---:|---:|"
-            "---:|---:|---:|")
-    lines = [head]
-    for name, m in result["conditions"].items():
-        lines.append(f"| {name} | {m['new_share_of_top5']:.4f} | {m['users_shown_a_new_item']:.4f} | "
-                     f"{m['distinct_new_items_shown']} | {m['new_recall@5']:.4f} | {m['new_recall@10']:.4f} | "
-                     f"{m['cold_users_recall@5']:.4f} | {m['recall@5']:.4f} | {m['ndcg@5']:.4f} |")
+    """The Markdown table: one row per condition and mapping."""
+    lines = ["| condition | mapping | new share of top-5 | users shown a new item | new items shown | new Recall@5 | "
+             "new Recall@10 | cold users' Recall@5 | all users' Recall@5 | NDCG@5 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, condition in result["conditions"].items():
+        for mapping, m in condition.items():
+            if not isinstance(m, dict):
+                continue
+            lines.append(f"| {name} | {mapping} | {m['new_share_of_top5']:.4f} | {m['users_shown_a_new_item']:.4f} | "
+                         f"{m['distinct_new_items_shown']} | {m['new_recall@5']:.4f} | {m['new_recall@10']:.4f} | "
+                         f"{m['cold_users_recall@5']:.4f} | {m['recall@5']:.4f} | {m['ndcg@5']:.4f} |")
     return "\n".join(lines)
 
 

@@ -42,6 +42,9 @@ def add(
     placement: Annotated[Placement, typer.Option(
         help="codebook: residual nearest centroid per level plus a free last code; random: a random free SID (a "
              "control for experiments).")] = Placement.codebook,
+    known_prefixes: Annotated[bool, typer.Option(
+        "--known-prefixes/--any-prefix", help="codebook: above the last level, prefer codes that extend a prefix the "
+        "catalog has (the model never generates one it was not trained on).")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the map's validation split and of random placement.")] = 0,
     as_json: JsonOption = False,
 ) -> None:
@@ -50,7 +53,7 @@ def add(
     repository is untouched: `onerec deploy --run RUN` serves it as the next version, sharing the weights."""
     from onerec.tokenizer.additions import AddConfig, add_items
 
-    cfg = AddConfig(format=fmt.value, placement=placement.value, seed=seed)
+    cfg = AddConfig(format=fmt.value, placement=placement.value, seed=seed, known_prefixes=known_prefixes)
     result = add_items(RunDir(run_dir), items, cfg, progress=progress())
     if as_json:
         typer.echo(json.dumps(result.as_json()))

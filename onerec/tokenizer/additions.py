@@ -71,6 +71,9 @@ class AddConfig:
 
     format: str = "auto"  # auto (by file name) | npz | jsonl | movielens (u.item) | attributes (*_item2attributes)
     placement: str = "codebook"  # codebook: residual nearest centroid + free last code; random: a random free SID
+    # above the last level, prefer the codes that extend a prefix the catalog has (the model was trained on); random:
+    # a random free leaf under a random known (L-1)-prefix instead of a uniformly random free SID
+    known_prefixes: bool = True
     seed: int = 0  # the ridge validation split and random placement
     ridge_lambdas: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)  # candidates, the best validation cosine wins
     validation_share: float = 0.1  # of the warm items, to choose lambda (then refitted on all)
@@ -182,10 +185,15 @@ class FreeLeaves:
         return self.num_codes**self.levels - len(self.taken)
 
 
-def nearest_sids(codebooks: Codebooks, vectors: np.ndarray, taken: np.ndarray, progress: bool = False) -> np.ndarray:
+def nearest_sids(codebooks: Codebooks, vectors: np.ndarray, taken: np.ndarray, progress: bool = False,
+                 known_prefixes: bool = True) -> np.ndarray:
     """SIDs (M, L) int32 for `vectors` (M, d), in order, none of them in `taken` (U, L) nor shared: residual nearest
-    centroid per level among the codes whose prefix still has a free leaf (codes no base item holds come last)."""
+    centroid per level among the codes whose prefix still has a free leaf (codes no base item holds come last).
+    With `known_prefixes`, above the last level the codes that extend a prefix some item of `taken` has come first:
+    the model never generates a prefix it was not trained on, so a new item under one can be reached neither by
+    beam search nor by matching a generated SID's prefix (docs: the cold-start study)."""
     free = FreeLeaves(taken, codebooks.num_codes)
+    known = [{tuple(p) for p in np.asarray(taken)[:, :depth].tolist()} for depth in range(codebooks.levels)]
     vectors = np.asarray(vectors, dtype=np.float64)
     if len(vectors) > free.free:
         raise UsageError(f"--items: {len(vectors)} new items but only {free.free} free SIDs (K^L = "
@@ -196,7 +204,10 @@ def nearest_sids(codebooks: Codebooks, vectors: np.ndarray, taken: np.ndarray, p
         prefix: tuple[int, ...] = ()
         for level in range(codebooks.levels):
             dist = ((codebooks.centroids[level] - residual) ** 2).sum(1)  # (K,)
-            order = np.lexsort((dist, ~codebooks.used[level]))  # held codes first, each group nearest first
+            keys = [dist, ~codebooks.used[level]]  # lexsort: the last key sorts first
+            if known_prefixes and level < codebooks.levels - 1:
+                keys.append(np.array([(*prefix, c) not in known[level + 1] for c in range(codebooks.num_codes)]))
+            order = np.lexsort(keys)  # (known prefixes first,) held codes first, each group nearest first
             code = next(int(c) for c in order if free.has_room((*prefix, int(c))))
             prefix = (*prefix, code)
             residual = residual - codebooks.centroids[level, code]
@@ -206,15 +217,22 @@ def nearest_sids(codebooks: Codebooks, vectors: np.ndarray, taken: np.ndarray, p
 
 
 def random_sids(num_codes: int, levels: int, count: int, taken: np.ndarray, rng: np.random.Generator,
-                max_tries: int = 1000) -> np.ndarray:
-    """`count` distinct SIDs (count, L) int32 drawn uniformly from the SIDs not in `taken` (rejection sampling)."""
+                max_tries: int = 1000, known_prefixes: bool = False) -> np.ndarray:
+    """`count` distinct SIDs (count, L) int32 drawn uniformly from the SIDs not in `taken` (rejection sampling); with
+    `known_prefixes`, a uniformly drawn (L-1)-prefix of `taken` with a free leaf, then a free last code under it
+    (uniformly from all free SIDs once every such prefix is full)."""
     free = FreeLeaves(taken, num_codes)
     if count > free.free:
         raise UsageError(f"--items: {count} new items but only {free.free} free SIDs")
+    prefixes = sorted({tuple(p) for p in np.asarray(taken)[:, :-1].tolist()})
     out = np.zeros((count, levels), dtype=np.int32)
     for i in range(count):
+        open_prefixes = [p for p in prefixes if free.has_room(p)] if known_prefixes else []
         for _ in range(max_tries):
-            sid = tuple(int(c) for c in rng.integers(0, num_codes, size=levels))
+            if open_prefixes:  # else (every known prefix full) a uniformly random free SID
+                sid = (*open_prefixes[int(rng.integers(len(open_prefixes)))], int(rng.integers(num_codes)))
+            else:
+                sid = tuple(int(c) for c in rng.integers(0, num_codes, size=levels))
             if sid not in free.taken:
                 break
         else:
@@ -457,15 +475,16 @@ def add_items(run: RunDir, items_path: Path, cfg: AddConfig | None = None, progr
         vectors, embedding = _embed(items, new, books, base_embeddings, cfg)
         if cfg.placement == "random":
             sids = random_sids(catalog.num_codes, catalog.levels, len(new), catalog.sids,
-                               np.random.default_rng(cfg.seed))
+                               np.random.default_rng(cfg.seed), known_prefixes=cfg.known_prefixes)
         else:
-            sids = nearest_sids(books, vectors, catalog.sids, progress=progress)
+            sids = nearest_sids(books, vectors, catalog.sids, progress=progress, known_prefixes=cfg.known_prefixes)
         extended = Catalog.build(np.concatenate([catalog.video_ids, new]), np.concatenate([catalog.sids, sids]),
                                  np.concatenate([catalog.popularity, np.zeros(len(new), np.int64)]),
                                  catalog.num_codes)
         old_prefixes = {tuple(p) for p in catalog.sids[:, :-1].tolist()}
         new_prefixes = sum(tuple(p) not in old_prefixes for p in sids[:, :-1].tolist())
         entry = {"items_file": str(items.path), "format": items.format, "placement": cfg.placement,
+                 "known_prefixes": cfg.known_prefixes,
                  "added": int(len(new)), "previous_hash": catalog.content_hash,
                  "content_hash": extended.content_hash, "at": time.time()}
         chain = {"content_hash": extended.content_hash,

@@ -73,12 +73,22 @@ def test_recovered_codebooks_equal_the_tokenizers_where_no_sid_was_moved() -> No
     (13.9, [[0, 0], [1, 1]], [1, 0]),  # residual 1.9 wants 1.5, (1, 1) is taken: the next nearest free code
 ])
 def test_nearest_free_sid_worked_by_hand(vector: float, taken: list, expected: list) -> None:
-    assert nearest_sids(_books(), np.array([[vector]]), np.array(taken)).tolist() == [expected]
+    got = nearest_sids(_books(), np.array([[vector]]), np.array(taken), known_prefixes=False)
+    assert got.tolist() == [expected]
+
+
+def test_known_prefixes_come_first() -> None:
+    # 0.5 is nearest to code 0 at level 0, but only prefix (1,) exists: (1, 0) is taken, so (1, 1)
+    assert nearest_sids(_books(), np.array([[0.5]]), np.array([[1, 0]])).tolist() == [[1, 1]]
+    # with no room left under a known prefix, the nearest prefix with room, known or not
+    assert nearest_sids(_books(), np.array([[0.5]]), np.array([[1, 0], [1, 1]])).tolist() == [[0, 0]]
 
 
 def test_new_items_never_share_a_sid_with_each_other_or_the_catalog() -> None:
-    out = nearest_sids(_books(), np.array([[0.1], [0.1], [0.1]]), np.array([[1, 1]]))
+    out = nearest_sids(_books(), np.array([[0.1], [0.1], [0.1]]), np.array([[1, 1]]), known_prefixes=False)
     assert out.tolist() == [[0, 0], [0, 1], [1, 0]]  # the same vector three times: the nearest free leaf each
+    out = nearest_sids(_books(), np.array([[0.1], [0.1], [0.1]]), np.array([[1, 1]]))
+    assert out.tolist() == [[1, 0], [0, 0], [0, 1]]  # the known prefix (1,) first, then it is full
 
 
 def test_a_full_catalog_is_a_usage_error() -> None:
@@ -103,6 +113,15 @@ def test_random_sids_are_distinct_free_and_seeded() -> None:
     assert len(rows) == 40 and not rows & {(0, 0, 0), (3, 3, 3)} and out.min() >= 0 and out.max() < 4
     np.testing.assert_array_equal(out, random_sids(4, 3, 40, taken, np.random.default_rng(0)))
     assert random_sids(2, 2, 1, SIDS[:3], np.random.default_rng(0)).tolist() == [[1, 1]]  # the only free one
+
+
+def test_random_sids_under_known_prefixes_stay_under_them() -> None:
+    taken = np.array([[0, 0, 0], [3, 1, 3]])
+    out = random_sids(4, 3, 7, taken, np.random.default_rng(1), known_prefixes=True)
+    prefixes = [tuple(r[:2]) for r in out.tolist()]
+    assert sorted(prefixes[:6]) == [(0, 0)] * 3 + [(3, 1)] * 3  # the 3 + 3 free leaves under the known prefixes
+    assert prefixes[6] not in ((0, 0), (3, 1))  # then they are full: any free SID
+    assert len({tuple(r) for r in out.tolist()} | {(0, 0, 0), (3, 1, 3)}) == 9
 
 
 # --- the content map --------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""What the gateway holds open: the Redis pool, the Triton client, the pinned catalog and its sync loop."""
+"""What the gateway holds open: the Redis pool, the Triton replicas' clients, the pinned catalog and its sync loop."""
 
 from __future__ import annotations
 
@@ -115,9 +115,10 @@ class Services:
         self.history = RedisHistory(open_redis(settings.redis_url, settings.redis_timeout_s, settings.redis_mode),
                                     settings.history_prefix, settings.history_len, settings.redis_timeout_s,
                                     settings.redis_wait_replicas)
-        self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
-        self.model = TritonModel(settings.triton_url, settings.model_name, settings.triton_timeout_s,
-                                 settings.beam_width, settings.num_sessions, self.breaker)
+        self.model = TritonModel(settings.triton_targets, settings.model_name, settings.triton_timeout_s,
+                                 settings.beam_width, settings.num_sessions,
+                                 lambda: CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s),
+                                 attempts=settings.triton_attempts)
         self.pin = VersionPin(Path(settings.model_repo) / settings.model_name, self.model, metrics)
         self.served = ServedItems(self.history.client, settings.served_prefix, settings.redis_timeout_s)
         self.blocklist = Blocklist(self.history.client, settings.blocked_key, settings.blocklist_ttl_s,
@@ -143,7 +144,7 @@ class Services:
             except Exception:  # the loop must outlive any one bad sync
                 log.exception("version sync failed")
                 matched = False
-            self.metrics.breaker_open.set(int(self.breaker.state != "closed"))
+            self.metrics.breaker_open.set(int(self.model.circuit_open))  # open on every replica
             await self._update_gauges()
             await asyncio.sleep(self.settings.sync_interval_s if matched else min(1.0, self.settings.sync_interval_s))
 

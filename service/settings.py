@@ -34,8 +34,11 @@ class Settings(BaseSettings):
     max_banned_sids: int = Field(16384, ge=0, description="excluded and blocked SIDs banned inside the beam search "
                                  "per request (the rest are filtered from the answer)")
 
-    # Triton model `onerec` and the repository its catalog is read from.
-    triton_url: str = "127.0.0.1:8001"
+    # Triton model `onerec` and the repository its catalog is read from. Several replicas: a comma-separated
+    # list, or a name resolving to several addresses (a Kubernetes headless Service), re-resolved at every sync.
+    triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC host:port, or several, comma-separated")
+    triton_attempts: int = Field(3, ge=1, description="replicas one request may try (each at most once) when "
+                                 "one is unavailable, times out, is overloaded or lacks the pinned version")
     model_name: str = layout.MODEL_NAME
     model_repo: Path = Path("model_repo")
     beam_width: int = Field(layout.DEFAULT_BEAM_WIDTH, ge=1, le=layout.MAX_BEAM_WIDTH)
@@ -51,6 +54,23 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(64, ge=1, description="requests in flight before 503 + Retry-After")
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503s")
+
+    @field_validator("triton_url")
+    @classmethod
+    def _triton_targets(cls, value: str) -> str:
+        from service.model_client import split_target  # here: reading settings does not import gRPC
+
+        targets = [target.strip() for target in value.split(",") if target.strip()]
+        if not targets:
+            raise ValueError("give at least one Triton gRPC endpoint, host:port")
+        for target in targets:
+            split_target(target)
+        return ",".join(targets)
+
+    @property
+    def triton_targets(self) -> list[str]:
+        """Every Triton endpoint of `triton_url` (host:port; a name may stand for several replicas)."""
+        return self.triton_url.split(",")
 
     @field_validator("history_prefix", "served_prefix")
     @classmethod

@@ -49,6 +49,9 @@ def up(
     triton_http_port: Annotated[int, typer.Option(help="Triton HTTP port.")] = 8000,
     triton_grpc_port: Annotated[int, typer.Option(help="Triton gRPC port.")] = 8001,
     triton_metrics_port: Annotated[int, typer.Option(help="Triton metrics port.")] = 8002,
+    triton_replicas: Annotated[int, typer.Option(
+        help="tritonservers on the same repository (replica i listens on each Triton port + 10*i); the gateway "
+             "balances requests over them and retries on another when one fails.")] = 1,
     workers: Annotated[int, typer.Option(help="Gateway worker processes.")] = 1,
     beam_width: Annotated[int, typer.Option(help="Beam width the gateway asks for.")] = layout.DEFAULT_BEAM_WIDTH,
     precision: Annotated[Precision, typer.Option(help="Export precision when the run must be exported.")] = (
@@ -56,12 +59,14 @@ def up(
     timeout: Annotated[float, typer.Option(help="Seconds each server may take to become ready.")] = 300.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the stack state as JSON.")] = False,
 ) -> None:
-    """Start Redis (one server, or a local Redis Cluster), tritonserver and the gateway for a trained run (exporting
-    it if needed), load the users' histories, and return once the gateway's /readyz is ready. The processes keep
-    running: `onerec down` stops them."""
+    """Start Redis (one server, or a local Redis Cluster), tritonserver (or several replicas) and the gateway for a
+    trained run (exporting it if needed), load the users' histories, and return once the gateway's /readyz is
+    ready. The processes keep running: `onerec down` stops them."""
     from stack.local import Stack, StackConfig
     from stack.triton import TritonPorts
 
+    if triton_replicas < 1:
+        raise UsageError(f"--triton-replicas: at least 1, got {triton_replicas}")
     if workers < 1 or beam_width < 1:
         raise UsageError(f"--workers and --beam-width must be >= 1, got {workers} and {beam_width}")
     if redis_cluster < 0 or redis_cluster in (1, 2):
@@ -73,8 +78,8 @@ def up(
         raise UsageError(f"--checkpoint: {checkpoint} is not a model directory (no model.safetensors)")
     cfg = StackConfig(run=run_dir, model_repo=model_repo, state_dir=state_dir, host=host, gateway_port=gateway_port,
                       redis_port=redis_port, redis_cluster=redis_cluster, redis_replicas=redis_replicas,
-                      triton_ports=TritonPorts(triton_http_port, triton_grpc_port,
-                                                                      triton_metrics_port),
+                      triton_ports=TritonPorts(triton_http_port, triton_grpc_port, triton_metrics_port),
+                      triton_replicas=triton_replicas,
                       workers=workers, beam_width=beam_width, timeout_s=timeout)
     state = Stack(cfg).up(before_start=lambda: export_if_needed(run_dir, cfg.repo, checkpoint, precision.value))
     if as_json:
@@ -83,7 +88,8 @@ def up(
         typer.echo(json.dumps(asdict(state)))
         return
     typer.echo(f"gateway   {state.gateway_url}   (model version {state.model_version}, repo {state.model_repo})")
-    typer.echo(f"triton    {state.triton_http_url}   metrics {state.triton_metrics_url}")
+    for replica in state.triton_replicas:
+        typer.echo(f"triton    {replica['http_url']}   grpc {replica['grpc_url']}   metrics {replica['metrics_url']}")
     cluster = f"   (cluster of {len(state.redis_urls)} nodes)" if state.redis_mode == "cluster" else ""
     typer.echo(f"redis     {state.redis_url}{cluster}")
     typer.echo(f"logs      {Path(state.logs['gateway']).parent}")
@@ -93,8 +99,8 @@ def up(
 @app.command()
 @user_errors
 def down(run_dir: RunOption, state_dir: StateOption = None) -> None:
-    """Stop the stack `onerec up` started for RUN (gateway, then Triton, then Redis or every cluster node); prints
-    what it stopped."""
+    """Stop the stack `onerec up` started for RUN (gateway, then every Triton replica, then Redis or every cluster
+    node); prints what it stopped."""
     from stack.local import Stack, StackConfig
 
     stopped = Stack(StackConfig(run=run_dir, state_dir=state_dir)).down()

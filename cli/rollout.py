@@ -53,7 +53,8 @@ def resolve_target(run_dir: Path | None, model_repo: Path | None, triton_url: st
             raise UsageError("--model-repo: give the live repository (or --run RUN of a running stack)")
     if not model_repo.is_dir():
         raise UsageError(f"--model-repo: {model_repo} is not a directory")
-    url = triton_url or (state.triton_http_url if state is not None else "http://127.0.0.1:8000")
+    # the stack's every Triton replica: a rollout loads on each
+    url = triton_url or (",".join(state.triton_http_urls) if state is not None else "http://127.0.0.1:8000")
     return Target(model_repo, url, state.gateway_url if state is not None else None)
 
 

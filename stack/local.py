@@ -2,14 +2,16 @@
 
 Redis is one redis-server, or with `redis_cluster` N a local Redis Cluster of N masters (and `redis_replicas` each)
 from the same binary on consecutive ports from `redis_port`; the gateway and load-histories then run in cluster
-mode, seeded by the first node.
+mode, seeded by the first node. Triton is one tritonserver, or with `triton_replicas` N that many on the same
+repository (replica i on each Triton port + 10·i); the gateway balances over all of them, the rollout commands
+reach all of them through `stack.json`, and `prometheus.yml` in the state directory scrapes every one.
 
 It serves a repository that already holds an exported version (`onerec up` exports first when it must). The
 container commands in docker-compose.yml are the argument lists of `stack/commands.py`, so the local stack
 and the tests cover what the containers run. Everything a stack writes lives in one state directory (default
 `RUN/stack/`): `stack.json` (URLs, ports, pids), `{redis,triton,gateway}.pid`, `logs/`, Redis's append-only
-file (a cluster's nodes under `redis-cluster/`), Triton's backend links, and the `users.txt` / `videos.txt` the load
-tests draw from.
+file (a cluster's nodes under `redis-cluster/`), Triton's backend links (`triton/`, replica i's `triton-i/`),
+`prometheus.yml`, and the `users.txt` / `videos.txt` the load tests draw from.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from stack.child import ChildProcess
 from stack.commands import gateway_args, load_histories_args, local_command, triton_args
 from stack.gateway import GatewayProcess
 from stack.probes import get_json, http_ok, pid_alive, port_free, post_json
+from stack.prometheus import local_config
 from stack.redis_cluster import BUS_PORT_OFFSET, RedisCluster, node_ports
 from stack.redis_server import RedisServer
 from stack.triton import EXIT_TIMEOUT_S, TritonPorts
@@ -53,7 +56,8 @@ class StackConfig:
     redis_port: int = 6379  # a cluster's first node; the others follow on consecutive ports
     redis_cluster: int = 0  # masters of a local Redis Cluster; 0: one standalone redis-server
     redis_replicas: int = 0  # replicas per cluster master
-    triton_ports: TritonPorts = field(default_factory=TritonPorts)
+    triton_ports: TritonPorts = field(default_factory=TritonPorts)  # replica 0's; replica i adds 10·i
+    triton_replicas: int = 1  # tritonservers on the same repository; the gateway balances over them
     workers: int = 1
     beam_width: int = layout.DEFAULT_BEAM_WIDTH
     num_sessions: int = layout.DEFAULT_NUM_SESSIONS
@@ -68,6 +72,13 @@ class StackConfig:
         return (self.state_dir or self.run / "stack").resolve()
 
     @property
+    def replicas(self) -> list[TritonReplica]:
+        """Each Triton replica's name (in pids), ports and work directory (replica 0: `triton`, `triton/`)."""
+        return [TritonReplica("triton" if i == 0 else f"triton:{i}", self.triton_ports.replica(i),
+                              self.state / ("triton" if i == 0 else f"triton-{i}"),
+                              "triton.log" if i == 0 else f"triton-{i}.log") for i in range(self.triton_replicas)]
+
+    @property
     def redis_mode(self) -> str:
         return "cluster" if self.redis_cluster else "standalone"
 
@@ -78,6 +89,21 @@ class StackConfig:
         if self.redis_cluster and self.redis_replicas:
             env["ONEREC_REDIS_WAIT_REPLICAS"] = "1"
         return env
+
+
+@dataclass(frozen=True)
+class TritonReplica:
+    """One tritonserver of the stack: its key in `pids`, its ports, its work directory (backend links, the
+    server's log and pid file) and its `onerec triton` log's name under logs/."""
+
+    name: str
+    ports: TritonPorts
+    workdir: Path
+    log_name: str
+
+    def urls(self, host: str) -> dict[str, str]:
+        return {"http_url": f"http://{host}:{self.ports.http}", "grpc_url": f"{host}:{self.ports.grpc}",
+                "metrics_url": f"http://{host}:{self.ports.metrics}/metrics"}
 
 
 @dataclass
@@ -99,6 +125,15 @@ class StackState:
     started_at: float = 0.0
     redis_mode: str = "standalone"
     redis_urls: list[str] = field(default_factory=list)  # every cluster node (empty for one redis-server)
+    # every Triton replica: {name, http_url, grpc_url, metrics_url, pid (`onerec triton`), workdir (its
+    # tritonserver.pid is the server's own)}; triton_*_url above are the first's
+    triton_replicas: list[dict] = field(default_factory=list)
+    prometheus_config: str = ""  # a scrape config of this stack: the gateway and every replica
+
+    @property
+    def triton_http_urls(self) -> list[str]:
+        """Every replica's HTTP address (what the rollout commands load on)."""
+        return [replica["http_url"] for replica in self.triton_replicas] or [self.triton_http_url]
 
     @staticmethod
     def path(state_dir: Path) -> Path:
@@ -170,7 +205,7 @@ class Stack:
             nodes = redis_server.nodes if isinstance(redis_server, RedisCluster) else [redis_server]
             for node in nodes:
                 started[f"redis:{node.port}" if cfg.redis_cluster else "redis"] = node.process.pid
-            started["triton"] = self._start_triton()
+            started.update(self._start_tritons())
             users, videos = self._load_histories(redis_server.url)
             gateway = self._start_gateway(redis_server.url)
             started["gateway"] = gateway.process.pid
@@ -179,18 +214,22 @@ class Stack:
             for name in reversed(list(started)):
                 stop_pid(name, started[name])
             raise
+        replicas = [{"name": r.name, **r.urls(cfg.host), "pid": started[r.name], "workdir": str(r.workdir)}
+                    for r in cfg.replicas]
+        logs = {"redis": str(nodes[0].log_path)}
+        for r in cfg.replicas:
+            logs[r.name] = str(self.logs / r.log_name)
+            logs[r.name.replace("triton", "tritonserver")] = str(r.workdir / "tritonserver.log")
         state = StackState(
             run=str(cfg.run.resolve()), model_repo=str(cfg.repo), gateway_url=gateway.url, redis_url=redis_server.url,
-            triton_http_url=f"http://{cfg.host}:{cfg.triton_ports.http}",
-            triton_grpc_url=f"{cfg.host}:{cfg.triton_ports.grpc}",
-            triton_metrics_url=f"http://{cfg.host}:{cfg.triton_ports.metrics}/metrics",
-            pids=started, logs={"redis": str(nodes[0].log_path), "triton": str(self.logs / "triton.log"),
-                                "tritonserver": str(cfg.state / "triton" / "tritonserver.log"),
-                                "gateway": str(gateway.log_path),
+            triton_http_url=replicas[0]["http_url"], triton_grpc_url=replicas[0]["grpc_url"],
+            triton_metrics_url=replicas[0]["metrics_url"],
+            pids=started, logs={**logs, "gateway": str(gateway.log_path),
                                 "load-histories": str(self.logs / "load-histories.log")},
             users_file=str(users), videos_file=str(videos),
             model_version=get_json(gateway.url + "/readyz")[1].get("model_version"), started_at=time.time(),
-            redis_mode=cfg.redis_mode, redis_urls=[node.url for node in nodes] if cfg.redis_cluster else [])
+            redis_mode=cfg.redis_mode, redis_urls=[node.url for node in nodes] if cfg.redis_cluster else [],
+            triton_replicas=replicas, prometheus_config=str(self._write_scrape_config(gateway.url, replicas)))
         state.write(cfg.state)
         for name, pid in started.items():  # classic pid files too, for `kill $(cat RUN/stack/gateway.pid)`
             if name in SERVICES:
@@ -199,9 +238,13 @@ class Stack:
 
     def _check_ports(self) -> None:
         cfg = self.cfg
-        wanted = {"--gateway-port": cfg.gateway_port, "--redis-port": cfg.redis_port,
-                  "--triton-http-port": cfg.triton_ports.http, "--triton-grpc-port": cfg.triton_ports.grpc,
-                  "--triton-metrics-port": cfg.triton_ports.metrics}
+        wanted = {"--gateway-port": cfg.gateway_port, "--redis-port": cfg.redis_port}
+        for i, replica in enumerate(cfg.replicas):
+            of = f" (replica {i}: +{replica.ports.http - cfg.triton_ports.http})" if i else ""
+            wanted |= {f"--triton-http-port{of}": replica.ports.http, f"--triton-grpc-port{of}": replica.ports.grpc,
+                       f"--triton-metrics-port{of}": replica.ports.metrics}
+        if max(wanted.values()) > 65535:
+            raise UsageError(f"--triton-replicas {cfg.triton_replicas}: replica ports go past 65535 ({wanted})")
         if len(set(wanted.values())) < len(wanted):
             raise UsageError(f"ports must differ: {wanted}")
         redis_ports = [cfg.redis_port]
@@ -233,21 +276,38 @@ class Stack:
         server.log_path = self.logs / "redis.log"
         return server.start()
 
-    def _start_triton(self) -> int:
-        """`onerec triton` as a detached child; its pid once Triton's /v2/health/ready answers."""
+    def _start_tritons(self) -> dict[str, int]:
+        """`onerec triton` per replica as detached children, started together; their pids once every replica's
+        /v2/health/ready answers (on a failure, the ones started are stopped)."""
         cfg = self.cfg
-        args = triton_args(str(cfg.repo), cfg.host, str(cfg.state / "triton"), cfg.triton_ports)
-        args += ["--timeout", str(cfg.timeout_s)]
-        triton = DetachedCommand("tritonserver", self.logs / "triton.log")
-        triton.spawn(local_command(args), env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        ready = f"http://{cfg.host}:{cfg.triton_ports.http}/v2/health/ready"
+        started: dict[str, DetachedCommand] = {}
         try:
-            triton.wait_ready(lambda: http_ok(ready), cfg.timeout_s + 10, poll=0.5)
-        except RuntimeError as e:
-            raise UsageError(f"{str(e).splitlines()[0].rstrip(':')}; see {self.logs / 'triton.log'} and "
-                             f"{cfg.state / 'triton' / 'tritonserver.log'}") from e
-        log.info("tritonserver ready on %s", ready)
-        return triton.process.pid
+            for replica in cfg.replicas:
+                args = triton_args(str(cfg.repo), cfg.host, str(replica.workdir), replica.ports)
+                args += ["--timeout", str(cfg.timeout_s)]
+                triton = DetachedCommand(f"tritonserver ({replica.name})", self.logs / replica.log_name)
+                triton.spawn(local_command(args), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                started[replica.name] = triton
+            for replica in cfg.replicas:
+                ready = f"http://{cfg.host}:{replica.ports.http}/v2/health/ready"
+                try:
+                    started[replica.name].wait_ready(lambda url=ready: http_ok(url), cfg.timeout_s + 10, poll=0.5)
+                except RuntimeError as e:
+                    raise UsageError(f"{str(e).splitlines()[0].rstrip(':')}; see {self.logs / replica.log_name} "
+                                     f"and {replica.workdir / 'tritonserver.log'}") from e
+                log.info("tritonserver %s ready on %s", replica.name, ready)
+        except BaseException:
+            for triton in started.values():
+                triton.stop()
+            raise
+        return {name: triton.process.pid for name, triton in started.items()}
+
+    def _write_scrape_config(self, gateway_url: str, replicas: list[dict]) -> Path:
+        """`prometheus.yml` of this stack: the committed config, its jobs aimed at the gateway and every replica."""
+        path = self.cfg.state / "prometheus.yml"
+        metrics = [r["metrics_url"].removeprefix("http://").removesuffix("/metrics") for r in replicas]
+        path.write_text(local_config({"gateway": gateway_url.removeprefix("http://"), "triton": metrics}))
+        return path
 
     def _load_histories(self, redis_url: str) -> tuple[Path, Path]:
         users, videos = self.cfg.state / "users.txt", self.cfg.state / "videos.txt"
@@ -261,7 +321,8 @@ class Stack:
 
     def _start_gateway(self, redis_url: str) -> GatewayProcess:
         cfg = self.cfg
-        settings = {"ONEREC_REDIS_URL": redis_url, "ONEREC_TRITON_URL": f"{cfg.host}:{cfg.triton_ports.grpc}",
+        triton = ",".join(f"{cfg.host}:{replica.ports.grpc}" for replica in cfg.replicas)
+        settings = {"ONEREC_REDIS_URL": redis_url, "ONEREC_TRITON_URL": triton,
                     "ONEREC_MODEL_REPO": str(cfg.repo), "ONEREC_BEAM_WIDTH": str(cfg.beam_width),
                     "ONEREC_NUM_SESSIONS": str(cfg.num_sessions), **cfg.redis_env()}
         gateway = GatewayProcess(cfg.gateway_port, settings, self.logs / "gateway.log", cfg.host, cfg.workers)
@@ -270,25 +331,27 @@ class Stack:
     # --- down -------------------------------------------------------------------------------------------
 
     def down(self) -> dict[str, str]:
-        """Stop gateway, Triton and Redis (in that order); what happened to each."""
+        """Stop the gateway, every Triton replica, then Redis (each group at once); what happened to each."""
         state = StackState.read(self.cfg.state)
         if state is None:
             return {}
-        result = {name: stop_pid(name, state.pids[name]) for name in reversed(SERVICES) if name in state.pids}
-        nodes = sorted(name for name in state.pids if name.startswith("redis:"))  # a cluster's, after the gateway
-        running = {name for name in nodes if pid_alive(state.pids[name])}
-        for name in running:  # all at once (each flushes its own append-only file), then wait for each
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(state.pids[name], signal.SIGTERM)
-        for name in nodes:
-            outcome = stop_pid(name, state.pids[name])
-            result[name] = "stopped" if outcome == "not running" and name in running else outcome
-        server_pid = self.cfg.state / "triton" / "tritonserver.pid"  # `onerec triton` stops it on SIGTERM; if
-        if server_pid.is_file():  # that process was killed instead, the server it started is stopped here
-            leftover = stop_pid("tritonserver", int(server_pid.read_text()))
-            if leftover != "not running":
-                result["tritonserver"] = leftover
-            server_pid.unlink()
+        result: dict[str, str] = {}
+        if "gateway" in state.pids:
+            result["gateway"] = stop_pid("gateway", state.pids["gateway"])
+        result |= stop_together(state.pids, sorted(n for n in state.pids if n == "triton" or n.startswith("triton:")))
+        workdirs = [Path(r["workdir"]) for r in state.triton_replicas] or [self.cfg.state / "triton"]
+        for workdir in workdirs:  # `onerec triton` stops its server on SIGTERM; if that process was killed
+            server_pid = workdir / "tritonserver.pid"  # instead, the server it started is stopped here
+            if server_pid.is_file():
+                name = "tritonserver" if workdir.name == "triton" else f"tritonserver:{workdir.name.split('-')[-1]}"
+                leftover = stop_pid(name, int(server_pid.read_text()))
+                if leftover != "not running":
+                    result[name] = leftover
+                server_pid.unlink()
+        if "redis" in state.pids:
+            result["redis"] = stop_pid("redis", state.pids["redis"])
+        # a cluster's nodes all at once (each flushes its own append-only file)
+        result |= stop_together(state.pids, sorted(name for name in state.pids if name.startswith("redis:")))
         StackState.path(self.cfg.state).unlink(missing_ok=True)
         for name in SERVICES:
             (self.cfg.state / f"{name}.pid").unlink(missing_ok=True)
@@ -347,6 +410,20 @@ def describe(answer: dict, titles: dict[int, str]) -> str:
     lines.append(f"  recommended (source: {source}, model version {body['model_version']}):")
     lines += [f"    {item['rank']}. {name(item['video_id'])}" for item in body["items"]]
     return "\n".join(lines)
+
+
+def stop_together(pids: dict[str, int], names: list[str]) -> dict[str, str]:
+    """SIGTERM every process group of `names` at once, then wait for each (SIGKILL after the timeout)."""
+    running = {name for name in names if pid_alive(pids[name])}
+    for name in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pids[name], signal.SIGCONT)
+            os.killpg(pids[name], signal.SIGTERM)
+    result = {}
+    for name in names:
+        outcome = stop_pid(name, pids[name])
+        result[name] = "stopped" if outcome == "not running" and name in running else outcome
+    return result
 
 
 def stop_pid(name: str, pid: int, timeout: float = EXIT_TIMEOUT_S + 15) -> str:

@@ -67,21 +67,29 @@ def duration(seconds: float) -> str:
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
-def local_config(targets: dict[str, str], scrape_interval_s: float, source: Path = PROMETHEUS_CONFIG) -> str:
-    """The committed prometheus.yml with each job's targets replaced by `targets[job]` (host:port) and the scrape
-    interval (and timeout) shortened to `scrape_interval_s`, as YAML text: the tests run the committed config."""
+def local_config(targets: dict[str, str | list[str]], scrape_interval_s: float | None = None,
+                 source: Path = PROMETHEUS_CONFIG) -> str:
+    """The committed prometheus.yml with each job's targets replaced by `targets[job]` (host:port, or a list: one
+    target, i.e. one `instance`, per Triton replica) as static targets in place of the job's service discovery,
+    and, when given, the scrape interval (and timeout) shortened to `scrape_interval_s`; as YAML text: the tests
+    and the local stack run the committed config."""
     config = yaml.safe_load(Path(source).read_text())
     unknown = set(targets) - {job["job_name"] for job in config["scrape_configs"]}
     if unknown:
         raise ValueError(f"{source}: no scrape job named {sorted(unknown)}")
-    interval = duration(scrape_interval_s)
-    config.setdefault("global", {}).update(scrape_interval=interval, scrape_timeout=interval,
-                                           evaluation_interval=interval)
+    if scrape_interval_s is not None:
+        interval = duration(scrape_interval_s)
+        config.setdefault("global", {}).update(scrape_interval=interval, scrape_timeout=interval,
+                                               evaluation_interval=interval)
     for job in config["scrape_configs"]:
-        job.pop("scrape_interval", None)
-        job.pop("scrape_timeout", None)
+        if scrape_interval_s is not None:
+            job.pop("scrape_interval", None)
+            job.pop("scrape_timeout", None)
         if job["job_name"] in targets:
-            job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
+            wanted = targets[job["job_name"]]
+            for key in [key for key in job if key.endswith("_sd_configs")]:
+                del job[key]
+            job["static_configs"] = [{"targets": [wanted] if isinstance(wanted, str) else list(wanted)}]
     return yaml.safe_dump(config, sort_keys=False)
 
 

@@ -28,11 +28,20 @@ logger = logging.getLogger(__name__)
 EXIT_TIMEOUT_S = 30
 
 
+# Replica i of `onerec up --triton-replicas N` listens on each port + REPLICA_PORT_STRIDE * i (8010-8012, ...).
+REPLICA_PORT_STRIDE = 10
+
+
 @dataclass(frozen=True)
 class TritonPorts:
     http: int = 8000
     grpc: int = 8001
     metrics: int = 8002
+
+    def replica(self, index: int) -> TritonPorts:
+        """The ports of replica `index` (0: these): each port plus REPLICA_PORT_STRIDE * index."""
+        step = REPLICA_PORT_STRIDE * index
+        return TritonPorts(self.http + step, self.grpc + step, self.metrics + step)
 
 
 def wheel_root() -> Path:

@@ -364,6 +364,8 @@ def test_prometheus_scrapes_compose_services(services: dict) -> None:
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     targets = {target for job in config["scrape_configs"] for group in job.get("static_configs", [])
                for target in group["targets"]}
+    targets |= {f"{name}:{group['port']}" for job in config["scrape_configs"]  # every replica the name resolves to
+                for group in job.get("dns_sd_configs", []) for name in group["names"]}
     assert f"gateway:{GATEWAY_PORT}" in targets
     assert f"triton:{TritonPorts().metrics}" in targets
     assert {target.split(":")[0] for target in targets} <= set(services)

@@ -202,24 +202,39 @@ def scrape_jobs(text: str) -> dict[str, dict]:
     return {job["job_name"]: job for job in yaml.safe_load(text)["scrape_configs"]}
 
 
-def test_committed_config_scrapes_gateway_and_triton_on_the_compose_network():
+def test_committed_config_scrapes_gateway_and_every_triton_replica_on_the_compose_network():
     jobs = scrape_jobs(PROMETHEUS_CONFIG.read_text())
     assert jobs["gateway"]["static_configs"] == [{"targets": ["gateway:8080"]}]
     assert jobs["gateway"]["metrics_path"] == "/metrics"
-    assert jobs["triton"]["static_configs"] == [{"targets": ["triton:8002"]}]
+    # every address the compose service name resolves to (one per `--scale triton=N` container)
+    (discovery,) = jobs["triton"]["dns_sd_configs"]
+    assert (discovery["names"], discovery["type"], discovery["port"]) == (["triton"], "A", 8002)
+    assert "static_configs" not in jobs["triton"]
+
+
+SERVICE_DISCOVERY = ("static_configs", "dns_sd_configs")
 
 
 def test_local_config_swaps_targets_and_intervals_only():
-    text = local_config({"gateway": "127.0.0.1:1234", "triton": "127.0.0.1:5678"}, 0.5)
+    text = local_config({"gateway": "127.0.0.1:1234", "triton": ["127.0.0.1:5678", "127.0.0.1:5688"]}, 0.5)
     local, committed = yaml.safe_load(text), yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     assert local["global"]["scrape_interval"] == local["global"]["scrape_timeout"] == "500ms"
     jobs = scrape_jobs(text)
     assert jobs["gateway"]["static_configs"] == [{"targets": ["127.0.0.1:1234"]}]
-    assert jobs["triton"]["static_configs"] == [{"targets": ["127.0.0.1:5678"]}]
+    assert jobs["triton"]["static_configs"] == [{"targets": ["127.0.0.1:5678", "127.0.0.1:5688"]}]
+    assert "dns_sd_configs" not in jobs["triton"]
     for name, job in scrape_jobs(PROMETHEUS_CONFIG.read_text()).items():
-        assert {k: v for k, v in jobs[name].items() if k != "static_configs"} == {
-            k: v for k, v in job.items() if k not in ("static_configs", "scrape_interval", "scrape_timeout")}
+        assert {k: v for k, v in jobs[name].items() if k not in SERVICE_DISCOVERY} == {
+            k: v for k, v in job.items() if k not in (*SERVICE_DISCOVERY, "scrape_interval", "scrape_timeout")}
     assert local["global"]["external_labels"] == committed["global"]["external_labels"]
+
+
+def test_local_config_keeps_the_committed_intervals_unless_asked():
+    local = yaml.safe_load(local_config({"triton": "127.0.0.1:5678"}))
+    committed = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    assert local["global"] == committed["global"]
+    assert scrape_jobs(local_config({"triton": "127.0.0.1:5678"}))["gateway"] == scrape_jobs(
+        PROMETHEUS_CONFIG.read_text())["gateway"]
 
 
 def test_local_config_refuses_an_unknown_job():
@@ -243,7 +258,8 @@ def test_promtool_accepts_the_config(local: bool, tmp_path: Path):
     path = PROMETHEUS_CONFIG
     if local:
         path = tmp_path / "prometheus.yml"
-        path.write_text(local_config({"gateway": "127.0.0.1:8080", "triton": "127.0.0.1:8002"}, 1.0))
+        path.write_text(local_config({"gateway": "127.0.0.1:8080", "triton": ["127.0.0.1:8002", "127.0.0.1:8012"]},
+                                     1.0))
     result = subprocess.run([str(promtool), "check", "config", str(path)], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -186,3 +186,89 @@ def test_the_stack_starts_a_cluster_and_loads_the_histories_into_it(tmp_path, ti
     with pytest.raises(UsageError, match="holds a Redis Cluster of"):
         Stack(StackConfig(run=tiny_run, state_dir=tmp_path / "stack", redis_port=cfg.redis_port, redis_cluster=4,
                           ))._start_redis()
+
+
+# --- `onerec up --triton-replicas N` ------------------------------------------------------------------------------
+
+
+def test_replicas_take_ports_ten_apart_and_their_own_work_directories(tmp_path):
+    cfg = StackConfig(run=tmp_path, triton_ports=TritonPorts(8000, 8001, 8002), triton_replicas=3)
+    assert [(r.name, r.ports, r.workdir.name, r.log_name) for r in cfg.replicas] == [
+        ("triton", TritonPorts(8000, 8001, 8002), "triton", "triton.log"),
+        ("triton:1", TritonPorts(8010, 8011, 8012), "triton-1", "triton-1.log"),
+        ("triton:2", TritonPorts(8020, 8021, 8022), "triton-2", "triton-2.log")]
+    assert StackConfig(run=tmp_path).replicas[0].urls("127.0.0.1") == {
+        "http_url": "http://127.0.0.1:8000", "grpc_url": "127.0.0.1:8001", "metrics_url": "http://127.0.0.1:8002/metrics"}
+
+
+def test_replica_ports_in_use_or_clashing_are_refused(tmp_path):
+    gateway, redis_port = free_ports(2)
+    base = cluster_port(13)  # a free block: base .. base + 12
+    cfg = StackConfig(run=tmp_path, gateway_port=gateway, redis_port=redis_port,
+                      triton_ports=TritonPorts(base, base + 1, base + 2), triton_replicas=2)
+    Stack(cfg)._check_ports()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", base + 11))
+        busy.listen()
+        with pytest.raises(UsageError, match=re.escape(f"--triton-grpc-port (replica 1: +10) {base + 11}")):
+            Stack(cfg)._check_ports()
+    clash = StackConfig(run=tmp_path, gateway_port=gateway, redis_port=redis_port,
+                        triton_ports=TritonPorts(base, base + 10, base + 2), triton_replicas=2)
+    with pytest.raises(UsageError, match="ports must differ"):
+        Stack(clash)._check_ports()
+
+
+def test_up_refuses_no_replica(tmp_path):
+    code, _, err = run_cli("up", "--run", tmp_path, "--triton-replicas", "0")
+    assert code == 2 and "--triton-replicas: at least 1" in err
+
+
+def test_an_old_state_file_reaches_its_one_triton(tmp_path):
+    fields = {k: v for k, v in asdict(state(tmp_path)).items() if k not in ("triton_replicas", "prometheus_config")}
+    (tmp_path / "stack.json").write_text(json.dumps(fields))
+    read = StackState.read(tmp_path)
+    assert read is not None and read.triton_replicas == [] and read.triton_http_urls == ["h"]
+
+
+def test_rollout_commands_reach_every_replica_of_the_stack(tmp_path):
+    from cli.rollout import resolve_target
+
+    two = state(tmp_path)
+    two.model_repo = str(tmp_path)
+    two.triton_replicas = [{"name": "triton", "http_url": "http://127.0.0.1:8000"},
+                           {"name": "triton:1", "http_url": "http://127.0.0.1:8010"}]
+    two.write(tmp_path)
+    target = resolve_target(tmp_path, None, None, tmp_path)
+    assert target.triton_url == "http://127.0.0.1:8000,http://127.0.0.1:8010"
+    assert resolve_target(tmp_path, None, "h:1", tmp_path).triton_url == "h:1"  # the flag first
+
+
+def test_down_stops_every_replica_and_a_server_left_behind(tmp_path):
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    sleepers = {name: subprocess.Popen(sleep, start_new_session=True) for name in ("gateway", "triton", "triton:1",
+                                                                                  "redis")}
+    orphan = subprocess.Popen(sleep, start_new_session=True)  # replica 1's tritonserver, its `onerec triton` killed
+    (tmp_path / "triton-1").mkdir()
+    (tmp_path / "triton-1" / "tritonserver.pid").write_text(f"{orphan.pid}\n")
+    two = state(tmp_path)
+    two.pids = {name: p.pid for name, p in sleepers.items()}
+    two.triton_replicas = [{"name": "triton", "workdir": str(tmp_path / "triton")},
+                           {"name": "triton:1", "workdir": str(tmp_path / "triton-1")}]
+    two.write(tmp_path)
+    stopped = Stack(StackConfig(run=tmp_path, state_dir=tmp_path)).down()
+    assert list(stopped) == ["gateway", "triton", "triton:1", "tritonserver:1", "redis"]
+    assert set(stopped.values()) == {"stopped"}
+    for process in [*sleepers.values(), orphan]:
+        process.wait(5)
+    assert not (tmp_path / "triton-1" / "tritonserver.pid").exists()
+
+
+def test_the_stacks_scrape_config_names_every_replica(tmp_path):
+    import yaml
+
+    cfg = StackConfig(run=tmp_path, state_dir=tmp_path, triton_replicas=2)
+    replicas = [{**r.urls("127.0.0.1")} for r in cfg.replicas]
+    path = Stack(cfg)._write_scrape_config("http://127.0.0.1:8080", replicas)
+    jobs = {job["job_name"]: job for job in yaml.safe_load(path.read_text())["scrape_configs"]}
+    assert jobs["triton"]["static_configs"] == [{"targets": ["127.0.0.1:8002", "127.0.0.1:8012"]}]
+    assert jobs["gateway"]["static_configs"] == [{"targets": ["127.0.0.1:8080"]}]

@@ -20,7 +20,8 @@ Steps, each reused when its output exists (a run directory's stage markers):
      on the users whose test target holds one (hits among the held-out target items / held-out target items), and
      the ordinary Recall@5 on all users; under two mappings of the generated SIDs to videos: `served` (the gateway's
      and `onerec evaluate`'s) and TIGER's cold-start retrieval (`prefix match S`: the new items sharing a generated
-     SID's first L-1 codes follow it, at most ceil(S * k) of them in the top k).
+     SID's first L-1 codes follow it, at most ceil(S * k) of them in the top k). One more row reads the histories
+     without the new items (the model was never trained on their SIDs) over the `catalog add` catalog.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also score TIGER's prefix match with at most this share of new items in the top k")
     p.add_argument("--until", choices=("train", "all"), default="all", help="stop after training (default all)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
-    p.add_argument("--progress", action="store_true", help="progress bars (default: only on a terminal)")
+    p.add_argument("--progress", action="store_true", default=sys.stderr.isatty(),
+                   help="progress bars (default: only on a terminal)")
     return p.parse_args(argv)
 
 
@@ -154,10 +156,11 @@ def catalog_copy(cold: RunDir, out: Path) -> RunDir:
     return RunDir(out)
 
 
-def generated(model: Any, catalog: Any, sessions: Sessions, beam: Any, limit: int | None,
-              progress: bool) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
+def generated(model: Any, catalog: Any, sessions: Sessions, beam: Any, limit: int | None, progress: bool,
+              history_catalog: Any = None) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
     """Beam search's ranked next items (R leaves) per test user with a known history item, as `onerec evaluate`
-    and the gateway run it (history excluded); returns the session rows, their leaves and their histories."""
+    and the gateway run it (history excluded); returns the session rows, their leaves and their histories. With
+    `history_catalog`, the model reads the histories through it (the new items left out of what it encodes)."""
     from tqdm import tqdm
 
     from onerec.model.generate import generate
@@ -170,7 +173,7 @@ def generated(model: Any, catalog: Any, sessions: Sessions, beam: Any, limit: in
         chunk = rows[start:start + 16]
         videos = [sessions.history_of(i) for i in chunk]
         exclude = [catalog.leaves_of(h) for h in videos]
-        result = generate(model, catalog.trie, [catalog.known_sids(h) for h in videos], beam,
+        result = generate(model, catalog.trie, [(history_catalog or catalog).known_sids(h) for h in videos], beam,
                           exclude=[e[e >= 0] for e in exclude], session_len=beam.session_len or None)
         leaves += list(result.leaves.cpu().numpy().reshape(len(chunk), -1))
         histories += videos
@@ -240,7 +243,7 @@ def cold_metrics(rows: list[int], lists5: list[list[int]], lists10: list[list[in
 
 
 def score(run_model: RunDir, catalog_dir: Path, test: Sessions, items: np.ndarray, args: argparse.Namespace,
-          beam: Any) -> dict[str, Any]:
+          beam: Any, history_catalog_dir: Path | None = None) -> dict[str, Any]:
     """Both mappings of one beam search per user: as served today, and with TIGER's prefix match."""
     from onerec.model.onerec import load_model
     from onerec.tokenizer.catalog import Catalog
@@ -249,7 +252,8 @@ def score(run_model: RunDir, catalog_dir: Path, test: Sessions, items: np.ndarra
     model.eval()
     catalog = Catalog.load(catalog_dir)
     start = time.perf_counter()
-    rows, leaves, histories = generated(model, catalog, test, beam, args.limit, args.progress)
+    history_catalog = Catalog.load(history_catalog_dir) if history_catalog_dir is not None else None
+    rows, leaves, histories = generated(model, catalog, test, beam, args.limit, args.progress, history_catalog)
     new_by_prefix: dict[tuple[int, ...], list[int]] = {}
     for video, sid in zip(items.tolist(), catalog.sids_of(items).tolist(), strict=True):
         if sid[0] >= 0:
@@ -298,6 +302,9 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         added[name] = {**{k: v for k, v in report.as_json().items() if k not in ("video_ids", "sids")},
                        "command_seconds": round(time.perf_counter() - begin, 3)}
         conditions[name] = score(cold, copy.catalog, test, items, args, beam)
+        if name == "catalog add":  # the same catalog, the model reading histories without the new items
+            conditions["catalog add, histories without new items"] = score(cold, copy.catalog, test, items, args,
+                                                                           beam, history_catalog_dir=cold.catalog)
     if args.reference is not None:
         reference = RunDir(args.reference)
         same = np.array_equal(Sessions.load(reference.sessions("test")).targets, test.targets)

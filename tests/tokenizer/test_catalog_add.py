@@ -368,3 +368,8 @@ def test_exchange_falls_back_to_renames_without_renameat2(tmp_path: Path, monkey
     exchange(a, b)
     assert (b / "f").read_text() == "new" and (a / "f").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_catalog_add_has_help() -> None:
+    code, out, _ = run_cli("catalog", "add", "--help")
+    assert code == 0 and "--items" in out and "--placement" in out and "--known-prefixes" in out

@@ -18,7 +18,7 @@ from service.canary import in_canary
 from stack.probes import free_ports, get_json
 from stack.prometheus import PrometheusServer, dashboard_queries, grafana_to_promql, local_config, prometheus_binary
 from tests.conftest import permuted_catalog_run, run_cli
-from tests.integration.test_gateway import Stack
+from tests.integration.test_gateway import Stack, Triton
 from tests.tools import require_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -40,8 +40,14 @@ def live(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory):
     repo = tmp_path_factory.mktemp("live-repo")
     code, out, err = run_cli("export", "--run", tiny_run, "--out", repo, "--precision", "fp32")
     assert code == 0, out + err
-    with Stack(repo, tmp_path_factory.mktemp("rollout-stack")).running() as s:
-        yield s
+    triton = Triton(repo, tmp_path_factory.mktemp("rollout-triton"))
+    triton.server.start()
+    try:
+        with Stack("standalone", triton, repo, tmp_path_factory.mktemp("rollout-stack")).running() as s:
+            s.repo = repo
+            yield s
+    finally:
+        triton.server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +182,7 @@ def test_a_version_triton_does_not_hold_is_version_unavailable(live: Stack, hist
 def prometheus(live: Stack, tmp_path_factory: pytest.TempPathFactory):
     require_tool(prometheus_binary)
     gateway = live.gateway.url.removeprefix("http://")
-    config = local_config({"gateway": gateway, "triton": f"127.0.0.1:{live.triton_ports.metrics}"}, SCRAPE_S)
+    config = local_config({"gateway": gateway, "triton": f"127.0.0.1:{live.shared_triton.ports.metrics}"}, SCRAPE_S)
     server = PrometheusServer(tmp_path_factory.mktemp("prometheus"), free_ports(1)[0], config)
     server.start()
     yield server

@@ -94,6 +94,10 @@ class CircuitBreaker:
     def success(self) -> None:
         self.consecutive, self.opened_at, self.probing = 0, None, False
 
+    def release(self) -> None:
+        """The call ended with neither answer nor failure (cancelled): another probe may go out."""
+        self.probing = False
+
     def failure(self) -> None:
         self.consecutive += 1
         if self.probing or self.consecutive >= self.failures:
@@ -117,6 +121,11 @@ def failure_reason(exc: InferenceServerException) -> str:
 
 RETRIED = frozenset({"triton_unavailable", "triton_timeout", "triton_overloaded", "version_unavailable"})
 ANSWERED = frozenset({"triton_error", "version_unavailable"})  # Triton answered: alive, not a breaker failure
+
+# Requests go round robin over the replicas with at most this many more requests in flight than the least busy:
+# an even split under light load (pure least-in-flight would split by speed), and a slow or hung replica's pile
+# of calls, more than one above the others, keeps further requests away from it.
+IN_FLIGHT_SLACK = 1
 
 Resolver = Callable[[str], Awaitable[list[str]]]
 ClientFactory = Callable[[str], Any]
@@ -181,7 +190,8 @@ class TritonModel:
     """The model on one or several Triton replicas (a list of host:port, names resolved to every address).
 
     Each request goes to one replica chosen per request: among those whose breaker lets calls through, the ones
-    known to hold the requested version first, then the fewest requests in flight, ties taken in turn. A failure
+    known to hold the requested version, then in turn among those with at most IN_FLIGHT_SLACK more requests in
+    flight than the least busy. A failure
     that another replica may not have (unavailable, timeout, overloaded, version not held) is retried on another,
     each replica at most once, up to `attempts`; inference only reads, so a retry is safe."""
 
@@ -244,6 +254,9 @@ class TritonModel:
                     break
                 log.info("triton %s: %s; trying another replica", replica.address, reason)
                 continue
+            except BaseException:  # cancelled (the caller went away): no verdict on the replica
+                replica.breaker.release()
+                raise
             finally:
                 replica.in_flight -= 1
             replica.breaker.success()
@@ -263,7 +276,7 @@ class TritonModel:
         best = min(r.holds(version) for r in candidates)
         candidates = [r for r in candidates if r.holds(version) == best]
         fewest = min(r.in_flight for r in candidates)
-        candidates = [r for r in candidates if r.in_flight == fewest]
+        candidates = [r for r in candidates if r.in_flight <= fewest + IN_FLIGHT_SLACK]
         self._turn += 1
         chosen = candidates[self._turn % len(candidates)]
         chosen.breaker.allow()  # available() held: closed, or the half-open breaker's one probe

@@ -206,7 +206,7 @@ def test_requests_alternate_between_replicas():
     assert (len(fakes["a:1"].calls), len(fakes["b:1"].calls)) == (50, 50)
 
 
-def test_a_request_goes_to_the_replica_with_fewer_in_flight():
+def test_concurrent_requests_go_round_robin():
     gate = asyncio.Event()
     fakes = {"a:1": FakeTriton(gate=gate), "b:1": FakeTriton(gate=gate), "c:1": FakeTriton()}
 
@@ -218,6 +218,24 @@ def test_a_request_goes_to_the_replica_with_fewer_in_flight():
         await asyncio.sleep(0)
         assert sorted(len(f.calls) for f in fakes.values()) == [1, 1, 1]  # one each, not two on one
         gate.set()
+        await asyncio.gather(*held)
+
+    asyncio.run(scenario())
+
+
+def test_a_replica_with_calls_piling_up_gets_no_more():
+    """a hangs (its calls never return), b answers at once: round robin would send a every other request."""
+    fakes = {"a:1": FakeTriton(gate=asyncio.Event()), "b:1": FakeTriton()}
+
+    async def scenario():
+        model = model_of(fakes)
+        await model.served()
+        held = []
+        for _ in range(10):
+            held.append(asyncio.create_task(model.infer(HISTORY, True, version="3")))
+            await asyncio.sleep(0)
+        assert len(fakes["a:1"].calls) == 2 and len(fakes["b:1"].calls) == 8  # a: one more than b, then no more
+        fakes["a:1"].gate.set()
         await asyncio.gather(*held)
 
     asyncio.run(scenario())
@@ -247,6 +265,29 @@ def test_a_dead_replica_costs_no_request_and_its_breaker_opens_alone():
 
     asyncio.run(scenario())
     assert len(fakes["b:1"].calls) == 20 + 1 + 10 - (len(fakes["a:1"].calls) - 4)
+
+
+def test_a_cancelled_probe_lets_the_next_one_through():
+    clock = Clock()
+    gate = asyncio.Event()
+    fakes = {"a:1": FakeTriton(error=DEAD)}
+
+    async def scenario():
+        model = model_of(fakes, clock)
+        for _ in range(3):
+            with pytest.raises(ModelError):
+                await model.infer(HISTORY, True, version="3")
+        clock.now += 1.0
+        fakes["a:1"].error, fakes["a:1"].gate = None, gate  # back, but the probe hangs and its caller leaves
+        probe = asyncio.create_task(model.infer(HISTORY, True, version="3"))
+        await asyncio.sleep(0)
+        probe.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+        gate.set()
+        return await model.infer(HISTORY, True, version="3")  # not stuck half-open with a probe "out"
+
+    assert asyncio.run(scenario()).model_version == "3"
 
 
 def test_every_replica_down_is_unavailable_then_circuit_open():

@@ -257,6 +257,7 @@ def evaluate(run: RunDir, split: str = "test", checkpoint: Path | None = None, b
     from onerec.eval import evaluate as run_eval
     from onerec.model.onerec import load_model
     from onerec.reward.train import STAGE as REWARD
+    from onerec.tokenizer.additions import extends
     from onerec.tokenizer.catalog import Catalog
 
     run.require("train")
@@ -267,7 +268,7 @@ def evaluate(run: RunDir, split: str = "test", checkpoint: Path | None = None, b
             raise UsageError(f"--beam-width: must be in [1, 1024], got {beam_width}")
         beam = dataclasses.replace(beam, beam_width=beam_width)
     catalog = Catalog.load(run.catalog)
-    if trained.get("catalog_hash") != catalog.content_hash:
+    if not extends(run.catalog, str(trained.get("catalog_hash"))):  # the trained catalog, or grown by `catalog add`
         raise UsageError(f"{run.catalog}: catalog hash differs from the one the model was trained on")
     dev = resolve_device(device)
     checkpoint = checkpoint or run.model

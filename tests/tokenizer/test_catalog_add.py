@@ -29,7 +29,7 @@ from onerec.tokenizer.additions import (
 )
 from onerec.tokenizer.catalog import Catalog
 from onerec.tokenizer.residual import residual_quantize
-from tests.conftest import run_cli
+from tests.conftest import permuted_catalog_run, run_cli
 
 # --- codebooks, worked by hand ----------------------------------------------------------------------------
 
@@ -339,6 +339,23 @@ def test_the_cli_prints_json(tiny_run: Path, tmp_path: Path) -> None:
     payload = json.loads(out)
     assert payload["added"] == 2 and payload["video_ids"] == dropped.tolist()
     assert payload["content_hash"] == Catalog.read_hash(run.catalog) != payload["previous_hash"]
+
+
+def test_evaluate_accepts_a_catalog_grown_by_catalog_add_and_refuses_another(tiny_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    catalog = Catalog.load(RunDir(run).catalog)
+    new_ids = catalog.video_ids.max() + 1 + np.arange(3)  # videos the catalog does not hold
+    vectors = np.random.default_rng(0).normal(size=(3, np.load(RunDir(run).embeddings).shape[1]))
+    code, out, err = run_cli("catalog", "add", "--run", run, "--items", _embeddings_file(tmp_path / "n.jsonl",
+                                                                                           new_ids, vectors))
+    assert code == 0, err
+    code, out, err = run_cli("evaluate", "--run", run, "--json", "--limit", "20")
+    assert code == 0, err
+    assert json.loads(out)["valid_sid_rate"] == 1.0
+    other = permuted_catalog_run(tiny_run, tmp_path / "permuted")  # same model over a catalog it was not trained on
+    code, out, err = run_cli("evaluate", "--run", other, "--json", "--limit", "20")
+    assert code == 2 and "catalog hash differs" in err, (code, err)
 
 
 # --- the swap ---------------------------------------------------------------------------------------------

@@ -233,6 +233,7 @@ def test_a_rollout_on_one_replica_keeps_answers_on_the_version_both_serve(stack:
     assert all(status == 200 for status, _ in answers), answers[:3]
     assert Counter((body["source"], body["model_version"]) for _, body in answers) == {("model", "1"): len(answers)}
     assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)  # both answered version 1
+    assert ready_everywhere(stack) == {"1"}  # `status --run` asks both replicas: 2 is not on replica 1 yet
     TritonControl(second["http_url"]).load("onerec")  # the rollout reaches replica 1
     deadline = time.monotonic() + 30
     while get_json(stack.state["gateway_url"] + "/readyz")[1].get("model_version") != "2":
@@ -240,6 +241,14 @@ def test_a_rollout_on_one_replica_keeps_answers_on_the_version_both_serve(stack:
         time.sleep(0.2)
     answers = [stack.recommend(user) for user in stack.users()[:10]]
     assert {(status, body["source"], body["model_version"]) for status, body, _ in answers} == {(200, "model", "2")}
+    assert ready_everywhere(stack) == {"1", "2"}
+
+
+def ready_everywhere(stack: LocalStack) -> set[str]:
+    """The versions `onerec status --run` reports READY: the stack's every replica is asked (READY on all)."""
+    done = onerec("status", *stack.flags, "--json")
+    assert done.returncode == 0, done.stderr
+    return {entry["version"] for entry in json.loads(done.stdout)["model"]["triton"] if entry["state"] == "READY"}
 
 
 def test_sigkill_of_one_replica_under_load_costs_no_request(stack: LocalStack):

@@ -97,6 +97,10 @@ class TrainConfig:
     # ranks on validation ("ndcg@10" | "recall@10", the highest), on its first `select_users` sessions
     select: str = "val_loss"
     select_users: int = 2000
+    # each level's softmax over the trie's valid children of the true prefix only (ValidCodes), the choice
+    # constrained beam search makes, instead of all K codes: the model is not taught to push down (prefix, code)
+    # pairs that hold no item (which also made it refuse SIDs `catalog add` gives later); docs/QUALITY.md
+    constrained_loss: bool = False
 
 
 @dataclass(frozen=True)

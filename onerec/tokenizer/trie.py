@@ -84,6 +84,26 @@ class PrefixTrie:
         out[ok] = np.where(keys[pos_c] == query, pos_c, -1)
         return out
 
+    def child_masks(self) -> tuple[np.ndarray, ...]:
+        """Per level l, (n_l, K) bool: row j marks the codes of node j's children (the codes valid after it)."""
+        masks = []
+        for level in range(self.levels):
+            mask = np.zeros((len(self.offsets[level]) - 1, self.num_codes), dtype=bool)
+            mask[self.parents[level], self.codes[level]] = True
+            masks.append(mask)
+        return tuple(masks)
+
+    def path_nodes(self, sids: np.ndarray) -> np.ndarray:
+        """sids (M, L) -> (M, L) int64: column l is the level-l node whose children hold code l, i.e. the node
+        of the first l codes (column 0 is the root); -1 from the level where the prefix leaves the trie."""
+        sids = np.asarray(sids, dtype=np.int64).reshape(-1, self.levels)
+        out = np.empty(sids.shape, dtype=np.int64)
+        node = np.zeros(sids.shape[0], dtype=np.int64)
+        for level in range(self.levels):
+            out[:, level] = node
+            node = self.step(level, node, sids[:, level])
+        return out
+
     def leaf_of(self, sids: np.ndarray) -> np.ndarray:
         """Leaf ids (M,) of SIDs (M, L); -1 for SIDs not in the catalog."""
         sids = np.asarray(sids, dtype=np.int64).reshape(-1, self.levels)

@@ -65,18 +65,46 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def session_loss(model: OneRecModel, history, mask, targets) -> tuple[torch.Tensor, torch.Tensor]:
+class ValidCodes:
+    """The trie's valid next codes, for the constrained loss (`TrainConfig.constrained_loss`): each level's softmax
+    over the children of the true prefix only, the choice trie-constrained beam search makes."""
+
+    def __init__(self, catalog: Catalog, device: torch.device) -> None:
+        self.trie = catalog.trie
+        self.masks = [torch.from_numpy(m).to(device) for m in self.trie.child_masks()]  # L x (n_l, K)
+
+    def allowed(self, targets: torch.Tensor) -> torch.Tensor:
+        """targets (B, m, L), -1 rows padding -> (B, m, L, K) bool: the codes valid at each target position
+        (every code at a padded position, which the loss skips anyway)."""
+        B, m, L = targets.shape
+        sids = targets.reshape(-1, L).cpu().numpy()  # (B*m, L)
+        nodes = torch.from_numpy(self.trie.path_nodes(np.maximum(sids, 0)))  # (B*m, L); targets are catalog SIDs
+        padded = torch.from_numpy(sids[:, 0] < 0)  # (B*m,)
+        rows = [self.masks[level][nodes[:, level].clamp_min(0).to(self.masks[level].device)] for level in range(L)]
+        allowed = torch.stack(rows, dim=1)  # (B*m, L, K)
+        allowed[padded.to(allowed.device)] = True
+        return allowed.view(B, m, L, -1)
+
+    def constrain(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """logits (B, m, L, K) with the codes outside the true prefix's children at the dtype's lowest value."""
+        return logits.masked_fill(~self.allowed(targets), torch.finfo(logits.dtype).min)
+
+
+def session_loss(model: OneRecModel, history, mask, targets,
+                 valid: ValidCodes | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token cross-entropy over the m*L code positions (padding, code -1, skipped), and the MoE
     auxiliary loss. Padding only ends a target, so the inputs fed in its place (code 0) reach only positions
-    that are skipped too (the decoder is causal)."""
+    that are skipped too (the decoder is causal). With `valid`, each softmax is over the valid codes only."""
     out = model(history, mask, targets.clamp_min(0))  # logits (B, m, L, K)
-    ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+    logits = out.logits if valid is None else valid.constrain(out.logits, targets)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
     return ce, out.aux_loss
 
 
 @torch.no_grad()
-def evaluate_loss(model: OneRecModel, data: SidSessions, batch_size: int, device: torch.device) -> float:
-    """Mean cross-entropy over `data` (no dropout)."""
+def evaluate_loss(model: OneRecModel, data: SidSessions, batch_size: int, device: torch.device,
+                  valid: ValidCodes | None = None) -> float:
+    """Mean cross-entropy over `data` (no dropout); with `valid`, the constrained one training minimises."""
     if len(data) == 0:
         return float("nan")
     model.eval()
@@ -85,7 +113,7 @@ def evaluate_loss(model: OneRecModel, data: SidSessions, batch_size: int, device
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         history, mask, targets = (t.to(device) for t in data.batch(idx, model.cfg.history_len))
-        ce, _ = session_loss(model, history, mask, targets)
+        ce, _ = session_loss(model, history, mask, targets, valid)
         total += float(ce) * len(idx)
         count += len(idx)
     return total / count
@@ -243,6 +271,7 @@ def train(
         steps_log.unlink(missing_ok=True)
         if kept:
             append_steps(steps_log, kept)
+    valid = ValidCodes(catalog, device) if cfg.constrained_loss else None
     net: torch.nn.Module = model
     tap = None
     if cluster.distributed:
@@ -270,10 +299,12 @@ def train(
                 targets = shuffled_targets(torch.from_numpy(train_data.targets[idx]), rng)[mine]
             history, mask, targets = history.to(device), mask.to(device), targets.to(device)
             if tap is None:
-                ce, aux = session_loss(model, history, mask, targets)
+                ce, aux = session_loss(model, history, mask, targets, valid)
                 loss = ce + model.cfg.aux_loss_coef * aux
             else:
                 logits = net(history, mask, targets.clamp_min(0)).logits  # (b, m, L, K)
+                if valid is not None:
+                    logits = valid.constrain(logits, targets)
                 loss, ce_value, aux_value = global_loss(logits, targets, tap.take(), weight,
                                                         model.cfg.aux_loss_coef, cluster)
             optimizer.zero_grad(set_to_none=True)
@@ -292,7 +323,7 @@ def train(
             state["epoch"] = epoch + 1
             cluster.barrier()
             continue
-        val_loss = evaluate_loss(model, val_data, cfg.batch_size * 2, device)
+        val_loss = evaluate_loss(model, val_data, cfg.batch_size * 2, device, valid)
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "aux_loss": float(np.mean(auxes)),
                   "val_loss": val_loss}
         score = -val_loss  # higher is better

@@ -180,3 +180,15 @@ def test_unparsable_json_is_a_usage_error(tmp_path: Path) -> None:
     (tmp_path / JSON_NAME).write_text("{ not json")
     with pytest.raises(UsageError, match=JSON_NAME):
         Catalog.load(tmp_path)
+
+
+def test_trie_child_masks_and_path_nodes_worked_by_hand() -> None:
+    """SIDs (0,1), (0,2), (1,0) with K = 3: the root's children hold codes {0, 1}; node 0 of level 1 (prefix 0)
+    holds {1, 2}, node 1 (prefix 1) holds {0}."""
+    from onerec.tokenizer.trie import PrefixTrie
+
+    trie = PrefixTrie.from_sids(np.array([[0, 1], [0, 2], [1, 0]]), num_codes=3)
+    root, level1 = trie.child_masks()
+    assert root.tolist() == [[True, True, False]]
+    assert level1.tolist() == [[False, True, True], [True, False, False]]
+    assert trie.path_nodes(np.array([[0, 2], [1, 0], [2, 0]])).tolist() == [[0, 0], [0, 1], [0, -1]]

@@ -139,3 +139,40 @@ def test_selection_by_validation_ranking_keeps_the_best_epoch(tiny_run: Path, tm
     with pytest.raises(UsageError, match="train.select"):
         bad = dataclasses.replace(preset, train=dataclasses.replace(cfg, select="auc"))
         ntp.train(bad, catalog, train, val, tmp_path / "c2", tmp_path / "b2", progress=False)
+
+
+def test_constrained_loss_is_the_cross_entropy_over_the_valid_codes_only():
+    """ValidCodes on the SIDs (0,1), (0,2), (1,0) (K = 3): the target (0,2) is scored at level 0 among codes {0, 1}
+    and at level 1 among {1, 2}, worked out with an explicit log-softmax; a padded target keeps every code."""
+    import torch.nn.functional as F
+
+    catalog = Catalog.build(np.array([10, 11, 12]), np.array([[0, 1], [0, 2], [1, 0]]), np.array([3, 2, 1]), 3)
+    valid = ntp.ValidCodes(catalog, torch.device("cpu"))
+    targets = torch.tensor([[[0, 2], [-1, -1]]])  # (B=1, m=2, L=2)
+    allowed = valid.allowed(targets)
+    assert allowed[0, 0].tolist() == [[True, True, False], [False, True, True]]
+    assert allowed[0, 1].all()
+    logits = torch.tensor([[[[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]], [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]]])  # (1,2,2,3)
+    masked = valid.constrain(logits, targets)
+    ce = F.cross_entropy(masked.reshape(-1, 3), targets.reshape(-1), ignore_index=-1)
+    level0 = -torch.log_softmax(torch.tensor([1.0, 2.0]), 0)[0]  # code 0 among {0, 1}
+    level1 = -torch.log_softmax(torch.tensor([-1.0, 2.0]), 0)[1]  # code 2 among {1, 2}
+    assert ce.item() == pytest.approx(((level0 + level1) / 2).item(), abs=1e-6)
+    unconstrained = F.cross_entropy(logits.reshape(-1, 3), targets.reshape(-1), ignore_index=-1)
+    assert ce.item() < unconstrained.item()  # the invalid codes' mass is gone
+
+
+def test_constrained_training_runs_and_records_the_constrained_validation_loss(tiny_run: Path, tmp_path: Path):
+    """train.constrained_loss: the loop trains and validates with the constrained loss (lower than the full one
+    for the same model, since it only drops codes from each softmax)."""
+    from onerec.model.onerec import load_model
+
+    catalog, train, val = _data(tiny_run)
+    cfg = dataclasses.replace(PRESETS["tiny"].train, epochs=1, constrained_loss=True)
+    preset = dataclasses.replace(PRESETS["tiny"], train=cfg)
+    result = ntp.train(preset, catalog, train, val, tmp_path / "ckpt", tmp_path / "best", progress=False)
+    model = load_model(tmp_path / "best")
+    cpu = torch.device("cpu")
+    constrained = ntp.evaluate_loss(model, val, 64, cpu, ntp.ValidCodes(catalog, cpu))
+    assert result.history[0]["val_loss"] == pytest.approx(constrained, rel=1e-5)
+    assert constrained < ntp.evaluate_loss(model, val, 64, cpu)

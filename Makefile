@@ -7,7 +7,7 @@ DATA ?= ../shared/data/ml-100k
 RUN ?= runs/ml-100k
 PRESET ?= small
 
-.PHONY: install tools demo down evaluate loadtest test test-fast lint bench bench-quick export triton serve clean help
+.PHONY: install tools demo down evaluate loadtest chaos test test-fast lint bench bench-quick export triton serve clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -39,6 +39,11 @@ LOADTEST_ARGS ?=
 
 loadtest: install  ## locust headless against the running local stack (make demo / onerec up); results in runs/loadtest/<UTC time>/
 	$(BIN)/python -m loadtest.run --run $(RUN) $(LOADTEST_ARGS)
+
+CHAOS_ARGS ?=
+
+chaos: install  ## start a stack (Redis Cluster 3x1, 2 Tritons), locust load with faults injected; table into docs/RELIABILITY.md
+	$(BIN)/python -m loadtest.chaos --run $(RUN) --doc docs/RELIABILITY.md $(CHAOS_ARGS)
 
 down: install  ## stop the stack `make demo` / `onerec up` started
 	$(BIN)/onerec down --run $(RUN)

@@ -190,6 +190,13 @@ class RedisHistory:
                 return await awaitable
         except REDIS_ERRORS as e:
             raise HistoryError(f"redis: {type(e).__name__}: {e}") from e
+        except AttributeError as e:
+            # redis-py 8.1's asyncio cluster client, on a connection a failover tore down mid-command, raises
+            # "'NoneType' object has no attribute 'writelines'" (seen by `loadtest.chaos`): Redis unavailable, a
+            # 503 the caller may retry, not a 500. Anywhere else an AttributeError is a bug and propagates.
+            if not self.cluster:
+                raise
+            raise HistoryError(f"redis cluster: connection torn down mid-command ({e})") from e
 
 
 def _batches(histories: Iterable[tuple[str, list[int]]], size: int) -> Iterator[list[tuple[str, list[int]]]]:

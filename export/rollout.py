@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import inspect
 import json
@@ -28,6 +27,7 @@ from typing import Any, Protocol
 
 from export.repository import RolloutState, export_run, write_config
 from onerec.errors import UsageError
+from onerec.runs import advisory_lock
 from onerec.serving import layout
 
 log = logging.getLogger(__name__)
@@ -120,16 +120,9 @@ class Change:
 def exclusive(model_dir: Path) -> Iterator[None]:
     """One rollout at a time per repository (an advisory lock on `.rollout.lock`); UsageError when one runs."""
     model_dir.mkdir(parents=True, exist_ok=True)
-    with open(model_dir / ".rollout.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"{model_dir}: another deploy, rollback or promote is running; retry when it ends") \
-                from None
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with advisory_lock(model_dir / ".rollout.lock",
+                       f"{model_dir}: another deploy, rollback or promote is running; retry when it ends"):
+        yield
 
 
 def one_at_a_time(fn: Callable[..., Change]) -> Callable[..., Change]:

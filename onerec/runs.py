@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,3 +123,18 @@ def staging_dir(final: Path):
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+
+
+@contextmanager
+def advisory_lock(path: Path, busy: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `path` (created if absent) for the block; UsageError(busy) at once when
+    another process holds it: one `catalog add` per run, one rollout per repository."""
+    with open(path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(busy) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

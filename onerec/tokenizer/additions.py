@@ -31,16 +31,13 @@ The design (README "catalog add"):
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
-import fcntl
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +49,7 @@ from tqdm import tqdm
 from onerec.config import save_json
 from onerec.data.attributes import feature_matrix, read_item_attributes, read_movielens_items
 from onerec.errors import UsageError
-from onerec.runs import RunDir
+from onerec.runs import RunDir, advisory_lock
 from onerec.tokenizer.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -458,7 +455,8 @@ def add_items(run: RunDir, items_path: Path, cfg: AddConfig | None = None, progr
     cfg = cfg or AddConfig()
     started = time.perf_counter()
     run.require("tokenize")
-    with _locked(run.root / ".catalog.lock"):
+    with advisory_lock(run.root / ".catalog.lock",
+                       f"{run.root}: another `catalog add` is running on this run; retry when it ends"):
         catalog = Catalog.load(run.catalog)
         lineage = read_lineage(run.catalog, catalog.content_hash)
         books, base_embeddings = _codebooks(run, catalog, lineage)
@@ -601,16 +599,3 @@ def exchange(a: Path, b: Path) -> None:
     aside.rename(a)
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One `catalog add` at a time per run (an advisory lock); UsageError when another holds it."""
-    with open(path, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"{path.parent}: another `catalog add` is running on this run; retry when it ends") \
-                from None
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -24,7 +24,7 @@ from onerec.runs import RunDir
 from onerec.tokenizer.additions import add_items
 from onerec.tokenizer.catalog import Catalog
 from tests.conftest import run_cli
-from tests.integration.test_gateway import BEAM, Stack, Triton
+from tests.integration.test_gateway import BEAM, Stack, live_stack
 from tests.integration.test_rollout import Loop, items
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -84,17 +84,8 @@ def setting(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.fixture(scope="module")
 def live(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory):
     """Its own repository (the deploy writes to it), tritonserver, redis-server and a gateway re-syncing every 1 s."""
-    repo = tmp_path_factory.mktemp("catalog-add-repo")
-    code, out, err = run_cli("export", "--run", tiny_run, "--out", repo, "--precision", "fp32")
-    assert code == 0, out + err
-    triton = Triton(repo, tmp_path_factory.mktemp("catalog-add-triton"))
-    triton.server.start()
-    try:
-        with Stack("standalone", triton, repo, tmp_path_factory.mktemp("catalog-add-stack")).running() as s:
-            s.repo = repo
-            yield s
-    finally:
-        triton.server.stop()
+    with live_stack(tiny_run, tmp_path_factory, "catalog-add") as s:
+        yield s
 
 
 def test_catalog_add_then_deploy_under_a_request_loop(live: Stack, setting: dict) -> None:

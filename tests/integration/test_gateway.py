@@ -97,6 +97,23 @@ class Stack:
             return e.code, json.loads(e.read()), {k.lower(): v for k, v in e.headers.items()}
 
 
+@contextlib.contextmanager
+def live_stack(run: Path, factory: pytest.TempPathFactory, name: str) -> Iterator[Stack]:
+    """`run` exported (fp32) into a repository of its own (deploys write to it), its tritonserver, a standalone
+    Redis and a gateway re-syncing every second; `stack.repo` is the repository. Everything stops on exit."""
+    repo = factory.mktemp(f"{name}-repo")
+    code, out, err = run_cli("export", "--run", run, "--out", repo, "--precision", "fp32")
+    assert code == 0, out + err
+    triton = Triton(repo, factory.mktemp(f"{name}-triton"))
+    triton.server.start()
+    try:
+        with Stack("standalone", triton, repo, factory.mktemp(f"{name}-stack")).running() as s:
+            s.repo = repo
+            yield s
+    finally:
+        triton.server.stop()
+
+
 @pytest.fixture(scope="module")
 def triton(exported_repo: Path, tmp_path_factory: pytest.TempPathFactory):
     shared = Triton(exported_repo, tmp_path_factory.mktemp("triton"))

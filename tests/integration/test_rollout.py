@@ -18,7 +18,7 @@ from service.canary import in_canary
 from stack.probes import free_ports, get_json
 from stack.prometheus import PrometheusServer, dashboard_queries, grafana_to_promql, local_config, prometheus_binary
 from tests.conftest import permuted_catalog_run, run_cli
-from tests.integration.test_gateway import Stack, Triton
+from tests.integration.test_gateway import Stack, live_stack
 from tests.tools import require_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -37,17 +37,8 @@ def permuted_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.fixture(scope="module")
 def live(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory):
     """Its own repository (deploys write to it), Redis, Triton and a gateway that re-syncs every second."""
-    repo = tmp_path_factory.mktemp("live-repo")
-    code, out, err = run_cli("export", "--run", tiny_run, "--out", repo, "--precision", "fp32")
-    assert code == 0, out + err
-    triton = Triton(repo, tmp_path_factory.mktemp("rollout-triton"))
-    triton.server.start()
-    try:
-        with Stack("standalone", triton, repo, tmp_path_factory.mktemp("rollout-stack")).running() as s:
-            s.repo = repo
-            yield s
-    finally:
-        triton.server.stop()
+    with live_stack(tiny_run, tmp_path_factory, "rollout") as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

@@ -152,6 +152,7 @@ class GatewayUser(FastHttpUser):
             problem = no_answer(response) or recommend_problem(response.status_code, answer)
             if problem is None:
                 response.request_meta["context"]["fallback"] = fallback_reason(answer) or ""
+                response.request_meta["context"]["model_version"] = str(answer.get("model_version") or "")
             self.settle(response, problem)
 
     def post_events(self) -> None:
@@ -197,8 +198,9 @@ def record(name: str, response_time: float, exception: BaseException | None = No
     started = start_time if start_time is not None else time.time() - response_time / 1000
     offset = started - STATE.started_at
     step = step_index_at(STATE.steps, offset)
+    context = context or {}
     STATE.records.append(Record(offset, -1 if step is None else step, name, float(response_time), exception is None,
-                                str((context or {}).get("fallback") or "")))
+                                str(context.get("fallback") or ""), str(context.get("model_version") or "")))
 
 
 @events.user_error.add_listener

@@ -90,8 +90,8 @@ def locust_env() -> dict[str, str]:
 
 
 def run_locust(command: list[str], out_dir: Path, timeout_s: float) -> None:
-    """Run locust to completion within `timeout_s` (else SIGTERM, then SIGKILL, to its process group); its output
-    goes to OUT/locust.log. Raises LoadTestError unless it exited 0."""
+    """Run locust to completion within `timeout_s` (else `stop_group`: SIGINT, SIGTERM, SIGKILL to its process
+    group); its output goes to OUT/locust.log. Raises LoadTestError unless it exited 0."""
     log_path = out_dir / "locust.log"
     log.info("running %s", " ".join(command))
     with log_path.open("w") as output:
@@ -111,14 +111,15 @@ def run_locust(command: list[str], out_dir: Path, timeout_s: float) -> None:
 
 
 def stop_group(process: subprocess.Popen[Any]) -> None:
-    """SIGTERM the process group (locust writes its results on the way out), SIGKILL it if it lingers."""
-    for sig, wait_s in ((signal.SIGTERM, TERM_WAIT_S), (signal.SIGKILL, TERM_WAIT_S)):
+    """SIGINT the process group (locust handles it as Ctrl-C: it stops the users and writes its results on the way
+    out; it dies at once on SIGTERM, writing nothing), then SIGTERM and SIGKILL if it lingers."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
             return
         try:
-            process.wait(timeout=wait_s)
+            process.wait(timeout=TERM_WAIT_S)
             return
         except subprocess.TimeoutExpired:
             continue

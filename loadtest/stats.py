@@ -16,13 +16,14 @@ from loadtest.steps import Step, boundaries
 PERCENTILES = (50, 95, 99)
 SLO_ENDPOINT = "/recommend"  # whose latencies the max-QPS criterion reads: /events is a cheap write beside it
 SERVED_FALLBACKS = ("cold_start",)  # popular answers that are the right answer, not shed load
-RECORD_FIELDS = ("start_s", "step", "name", "latency_ms", "ok", "fallback")
+RECORD_FIELDS = ("start_s", "step", "name", "latency_ms", "ok", "fallback", "model_version")
 
 
 @dataclass(frozen=True)
 class Record:
     """One finished request: started `start_s` seconds into the test, during step `step` (-1: outside the
-    schedule), `ok` False for a failure, `fallback` the reason a /recommend answer came from popular items."""
+    schedule), `ok` False for a failure, `fallback` the reason a /recommend answer came from popular items,
+    `model_version` the version a /recommend answer names (empty for /events and failures)."""
 
     start_s: float
     step: int
@@ -30,6 +31,7 @@ class Record:
     latency_ms: float
     ok: bool
     fallback: str = ""
+    model_version: str = ""
 
 
 def write_records(path: Path, records: Iterable[Record]) -> None:
@@ -38,13 +40,15 @@ def write_records(path: Path, records: Iterable[Record]) -> None:
         writer = csv.writer(fh)
         writer.writerow(RECORD_FIELDS)
         for r in records:
-            writer.writerow((f"{r.start_s:.6f}", r.step, r.name, f"{r.latency_ms:.3f}", int(r.ok), r.fallback))
+            writer.writerow((f"{r.start_s:.6f}", r.step, r.name, f"{r.latency_ms:.3f}", int(r.ok), r.fallback,
+                             r.model_version))
 
 
 def read_records(path: Path) -> list[Record]:
     with path.open(newline="") as fh:
         return [Record(float(row["start_s"]), int(row["step"]), row["name"], float(row["latency_ms"]),
-                       row["ok"] == "1", row["fallback"]) for row in csv.DictReader(fh)]
+                       row["ok"] == "1", row["fallback"], row.get("model_version") or "")
+                for row in csv.DictReader(fh)]  # files written before model_version have no such column
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

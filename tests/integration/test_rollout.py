@@ -7,6 +7,7 @@ different answer under each version: an answer mapped with a catalog other than 
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -14,6 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from loadtest.run import Mix, Target, locust_command, locust_env, stop_group
+from loadtest.stats import read_records
+from loadtest.steps import parse_steps
+from onerec.tokenizer.catalog import Catalog
 from service.canary import in_canary
 from stack.probes import free_ports, get_json
 from stack.prometheus import PrometheusServer, dashboard_queries, grafana_to_promql, local_config, prometheus_binary
@@ -26,6 +31,9 @@ PROBES = 8  # distinct histories the loop cycles through
 LOOP_MAX_REQUESTS = 4000
 LOOP_MAX_S = 240.0
 SCRAPE_S = 1.0
+LOCUST_USERS = 24  # users with a history in Redis that locust draws from
+LOCUST_CLIENTS = 3  # concurrent locust users
+LOCUST_MAX_S = 240  # locust's schedule; the test stops it (SIGTERM: it writes its records) once the rollback is served
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +244,62 @@ def test_canary_20_percent(live: Stack, permuted_run: Path, histories: list[list
             break
         time.sleep(0.3)
     assert all(ask(live, user, histories[0])[1]["model_version"] == "1" for user in sorted(on_candidate)[:20])
+
+
+def wait_version(live: Stack, history: list[int], version: str, timeout: float = 30.0) -> float:
+    """Seconds until the gateway answers from `version` (it re-syncs every second); AssertionError after timeout."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if ask(live, "version-probe", history)[1].get("model_version") == version:
+            return time.monotonic() - started
+        time.sleep(0.2)
+    raise AssertionError(f"the gateway did not answer from version {version} within {timeout}s")
+
+
+def test_deploy_then_rollback_under_locust(live: Stack, permuted_run: Path, histories: list[list[int]],
+                                           tmp_path: Path):
+    """The acceptance run: `deploy` then `rollback` while a real locust (headless, `loadtest.run`) sends /recommend
+    and /events for users whose histories are in Redis. Every locust request succeeds, every /recommend answer comes
+    from the model, and the answers' model_version (locust's records.csv) moves forward then back."""
+    users = [f"locust-{i}" for i in range(LOCUST_USERS)]
+    for i, user in enumerate(users):  # oldest first, as events arrive
+        status, body, _ = live.post("/events", {"user_id": user, "video_ids": histories[i % len(histories)][::-1]})
+        assert status == 200, body
+    catalog = Catalog.load(live.repo / "onerec" / "1")
+    users_file, videos_file = tmp_path / "users.txt", tmp_path / "videos.txt"
+    users_file.write_text("\n".join(users) + "\n")
+    videos_file.write_text("\n".join(str(v) for v in catalog.video_ids[catalog.popular_order]) + "\n")
+    code, out, err = run_cli("status", "--model-repo", live.repo, "--triton-url", live.triton.http_url, "--json")
+    assert code == 0, err
+    before = str(json.loads(out)["model"]["rollout"]["primary"])
+    out_dir = tmp_path / "locust"
+    out_dir.mkdir()
+    command = locust_command(Target(live.gateway.url, users_file, videos_file), out_dir,
+                             parse_steps(f"{LOCUST_CLIENTS}x{LOCUST_MAX_S}"), Mix(warmup_s=0.0))
+    with (out_dir / "locust.log").open("w") as log:
+        locust = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                  env=locust_env(), start_new_session=True)
+    try:
+        time.sleep(5)  # locust traffic on the old version first
+        deployed = rollout(live, "deploy", "--run", permuted_run)
+        new = str(deployed["version"])
+        assert new != before and str(deployed["primary"]) == new
+        wait_version(live, histories[0], new)
+        time.sleep(3)  # locust traffic on the new version
+        rolled = rollout(live, "rollback")
+        assert rolled["action"] == "rollback" and str(rolled["primary"]) == before
+        wait_version(live, histories[0], before)
+        time.sleep(3)  # and on the old one again
+        assert locust.poll() is None, (out_dir / "locust.log").read_text()[-2000:]
+    finally:
+        stop_group(locust)
+    records = sorted(read_records(out_dir / "records.csv"), key=lambda r: r.start_s)
+    failed = [r for r in records if not r.ok]
+    assert records and not failed, f"{len(failed)} of {len(records)} locust requests failed"
+    answers = [r for r in records if r.name == "/recommend"]
+    assert {r.name for r in records} == {"/recommend", "/events"}
+    assert not [r.fallback for r in answers if r.fallback], Counter(r.fallback for r in answers)
+    versions = [r.model_version for r in answers]
+    assert set(versions) == {before, new}, Counter(versions)
+    first_new, last_new = versions.index(new), len(versions) - 1 - versions[::-1].index(new)
+    assert versions[0] == before and versions[-1] == before and first_new < last_new, Counter(versions)

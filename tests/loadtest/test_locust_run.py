@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.run import Mix, run_loadtest
+from loadtest.run import Mix, Target, locust_command, locust_env, run_loadtest, stop_group
+from loadtest.stats import read_records
+from loadtest.steps import parse_steps
 
 pytestmark = pytest.mark.integration
 WRONG_ANSWER_AT = 3  # the 3rd /recommend gets a repeated video id
@@ -97,3 +101,30 @@ def test_locust_headless_run_writes_the_report_and_counts_failures(fake_gateway:
     assert all(s["requests"] > 0 for s in summary["steps"])
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "<html" in (out / "report.html").read_text()[:2000].lower()
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_locust_still_writes_every_record(fake_gateway: str, tmp_path: Path):
+    """`stop_group` ends a locust run early (the timeout path, a test that has seen enough): it still writes
+    records.csv with every answer it finished, each /recommend with the model_version it was answered from."""
+    (tmp_path / "users.txt").write_text("u1\nu3\n")
+    (tmp_path / "videos.txt").write_text("10\n20\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    command = locust_command(Target(fake_gateway, tmp_path / "users.txt", tmp_path / "videos.txt"), out,
+                             parse_steps("1x600"), Mix(wait_max_s=0.02))
+    with (out / "locust.log").open("w") as log:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   env=locust_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and FakeGateway.sent["/recommend"] < 20:
+            time.sleep(0.1)
+    finally:
+        stop_group(process)
+    assert process.returncode == 0, (out / "locust.log").read_text()[-2000:]
+    records = read_records(out / "records.csv")
+    answered = FakeGateway.sent["/recommend"] + FakeGateway.sent["/events"]
+    assert answered - 1 <= len(records) <= answered and answered >= 20
+    assert {r.model_version for r in records if r.name == "/recommend" and r.ok} == {"1"}
+    assert {r.model_version for r in records if r.name == "/events"} == {""}

@@ -24,7 +24,7 @@ TritonOption = Annotated[str | None, typer.Option(
     envvar="ONEREC_TRITON_HTTP_URL", help="Triton's HTTP address, or every replica's, comma-separated (default: "
     "the stack's, else 127.0.0.1:8000).")]
 WaitOption = Annotated[float, typer.Option(
-    help="Seconds to wait for the stack's gateway to serve the new primary (0: do not wait).")]
+    help="Seconds to wait for the stack's gateway to serve the new primary and canary (0: do not wait).")]
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def _control(target: Target) -> Any:
 
 
 def _report(change: Any, target: Target, wait: float, as_json: bool) -> None:
-    followed = _wait_gateway(target, str(change.primary), wait)
+    followed = _wait_gateway(target, str(change.primary), None if change.canary is None else str(change.canary), wait)
     result = {**change.as_json(), "model_repo": str(target.repo), "gateway_follows": followed}
     if as_json:
         typer.echo(json.dumps(result))
@@ -74,18 +74,24 @@ def _report(change: Any, target: Target, wait: float, as_json: bool) -> None:
     typer.echo(f"{change.action}: version {change.version}; primary {change.primary}{canary}; Triton holds "
                f"{', '.join(map(str, change.loaded))}" + (" (weights shared)" if change.weights_shared else ""))
     if followed is False:
-        typer.echo(f"warning: the gateway {target.gateway_url} did not report version {change.primary} within "
+        also = f" and canary {change.canary}" if change.canary else ""
+        typer.echo(f"warning: the gateway {target.gateway_url} did not report version {change.primary}{also} within "
                    f"{wait:.0f}s (it re-checks every ONEREC_SYNC_INTERVAL_S)", err=True)
 
 
-def _wait_gateway(target: Target, primary: str, wait: float) -> bool | None:
-    """True once the stack's gateway reports `primary` in /readyz, False after `wait` s; None with no gateway."""
+def _wait_gateway(target: Target, primary: str, canary: str | None, wait: float) -> bool | None:
+    """True once the stack's gateway reports `primary` (and `canary`, or no canary) in /readyz, False after `wait`
+    s; None with no gateway."""
     if target.gateway_url is None or wait <= 0:
         return None
     from export.rollout import wait_until
     from stack.probes import get_json
 
-    return wait_until(lambda: get_json(f"{target.gateway_url}/readyz")[1].get("model_version") == primary, wait)
+    def followed() -> bool:
+        body = get_json(f"{target.gateway_url}/readyz")[1]
+        return body.get("model_version") == primary and body.get("canary_version") == canary
+
+    return wait_until(followed, wait)
 
 
 @app.command()
@@ -116,7 +122,7 @@ def deploy(
         raise UsageError(f"--checkpoint: {checkpoint} is not a model directory (no model.safetensors)")
     target = resolve_target(run_dir, model_repo, triton_url, state_dir)
     change = run_deploy(run_dir, target.repo, _control(target), checkpoint, canary, precision.value)
-    _report(change, target, wait if canary is None else 0.0, as_json)
+    _report(change, target, wait, as_json)
 
 
 @app.command()

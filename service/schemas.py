@@ -86,7 +86,9 @@ class Readiness(BaseModel):
     redis: bool
     triton: bool
     catalog: bool = Field(description="the catalog of the served model version is loaded and its hash matches")
-    model_version: str | None
+    model_version: str | None = Field(description="the primary version (every user not in the canary)")
+    canary_version: str | None = Field(None, description="the candidate version during a canary, else null")
+    canary_share: float = Field(0.0, description="share of users the candidate answers (0 without a canary)")
     detail: str | None = None
 
 

@@ -177,8 +177,11 @@ class Services:
             text for ok, text in ((redis_ok, "redis unreachable"), (triton_ok, "triton model not ready"),
                                   (catalog_ok, pin.problem if pin and pin.problem else "catalog not pinned"))
             if not ok)
+        canary = self.pin.canary
         return Readiness(ready=ready, redis=redis_ok, triton=triton_ok, catalog=catalog_ok,
-                         model_version=pin.version if pin else None, detail=detail)
+                         model_version=pin.version if pin else None,
+                         canary_version=canary.version if canary is not None else None,
+                         canary_share=self.pin.canary_share if canary is not None else 0.0, detail=detail)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -154,7 +154,7 @@ def test_ready_and_pinned(stack):
         assert response.status == 200
         body = json.loads(response.read())
     assert body == {"ready": True, "redis": True, "triton": True, "catalog": True, "model_version": "1",
-                    "detail": None}
+                    "canary_version": None, "canary_share": 0.0, "detail": None}
 
 
 def test_events_then_recommend(stack, catalog, test_histories):

@@ -197,6 +197,8 @@ def test_canary_20_percent(live: Stack, permuted_run: Path, histories: list[list
     while time.monotonic() < deadline and not any(
             ask(live, f"probe-{i}", histories[0])[1]["model_version"] == candidate for i in range(40)):
         time.sleep(0.2)
+    readiness = get_json(live.gateway.url + "/readyz")[1]
+    assert (readiness["model_version"], readiness["canary_version"], readiness["canary_share"]) == ("1", candidate, 0.2)
     users = [f"user-{i}" for i in range(500)]
     seen: dict[str, set[str]] = {user: set() for user in users}
     answered: dict[str, dict[int, tuple[int, ...]]] = {"1": {}, candidate: {}}
@@ -244,6 +246,8 @@ def test_canary_20_percent(live: Stack, permuted_run: Path, histories: list[list
             break
         time.sleep(0.3)
     assert all(ask(live, user, histories[0])[1]["model_version"] == "1" for user in sorted(on_candidate)[:20])
+    readiness = get_json(live.gateway.url + "/readyz")[1]
+    assert (readiness["canary_version"], readiness["canary_share"]) == (None, 0.0)
 
 
 def wait_version(live: Stack, history: list[int], version: str, timeout: float = 30.0) -> float:

@@ -27,7 +27,7 @@ from loadtest.run import LOCUSTFILE, LoadTestError, Mix, Target, locust_command,
 from loadtest.stats import Record, percentile, read_records
 from loadtest.steps import Step
 from stack.gateway import GatewayProcess
-from stack.probes import pid_alive, port_free
+from stack.probes import get_json, pid_alive, port_free
 from stack.redis_cluster import BUS_PORT_OFFSET, RedisCluster
 from stack.redis_server import RedisServer
 from stack.triton import REPLICA_PORT_STRIDE
@@ -60,6 +60,9 @@ class ChaosConfig:
     gap_s: float = 25.0  # from one fault's injection to the next (and to the end after the last)
     hang_s: float = 5.0  # how long Triton stays SIGSTOPped
     triton_replicas: int = 2
+    # gateway worker processes: with >= 2, gateway-restart is uvicorn's rolling restart (each replacement worker
+    # serves before the old one retires), as a Deployment's rolling update is; with 1, a stop and a start
+    gateway_workers: int = 2
     beam_width: int = 16
     wait_max_s: float = 0.05
     command: str = ""  # how it was invoked, for the report
@@ -127,7 +130,7 @@ def stack_up(cfg: ChaosConfig, state_dir: Path) -> Stack:
                            "--redis-port", redis_port, "--redis-cluster", 3, "--redis-replicas", 1,
                            "--triton-http-port", triton, "--triton-grpc-port", triton + 1,
                            "--triton-metrics-port", triton + 2, "--triton-replicas", cfg.triton_replicas,
-                           "--beam-width", cfg.beam_width, "--timeout", 300, "--json"]
+                           "--workers", cfg.gateway_workers, "--beam-width", cfg.beam_width, "--timeout", 300, "--json"]
     if cfg.model_repo is not None:
         flags += ["--model-repo", cfg.model_repo]
     log.info("onerec up %s", " ".join(map(str, flags)))
@@ -223,12 +226,26 @@ def master_of(cluster: RedisCluster, key: str) -> RedisServer:
 
 
 def gateway_restart(cfg: ChaosConfig, state: Stack, state_dir: Path, event: FaultEvent) -> None:
-    """SIGTERM the gateway (uvicorn drains), start it again with the same ONEREC_* settings; cleared once /readyz
-    answers 200. stack.json gets the new pid."""
+    """Restart the gateway. With >= 2 workers a rolling restart: SIGHUP to uvicorn's supervisor, which starts each
+    replacement worker and waits until it serves before it retires an old one (what a Deployment's rolling update
+    does with several pods); cleared once every worker is a new process and /readyz answers 200. With one worker:
+    SIGTERM (uvicorn drains), then a new gateway with the same ONEREC_* settings (stack.json gets its pid)."""
     pid = state.pids["gateway"]
+    event.detail["old_pid"] = pid
+    if cfg.gateway_workers >= 2:
+        old = worker_pids(pid)
+        event.detail.update({"mode": "rolling (SIGHUP)", "old_workers": sorted(old)})
+        event.injected_at = time.time()
+        os.kill(pid, signal.SIGHUP)  # the supervisor only: a worker would die of SIGHUP
+        wait_until(lambda: len(worker_pids(pid)) == cfg.gateway_workers and not worker_pids(pid) & old, 180.0,
+                   "every gateway worker replaced")
+        wait_until(lambda: get_json(state.gateway_url + "/readyz")[0] == 200, 60.0, "the gateway ready")
+        event.cleared_at = time.time()
+        event.detail["new_workers"] = sorted(worker_pids(pid))
+        return
     settings = {k: v for k, v in process_environ(pid).items() if k.startswith("ONEREC_")}
     port = int(state.gateway_url.rsplit(":", 1)[1])
-    event.detail["old_pid"] = pid
+    event.detail["mode"] = "stop and start (one worker)"
     event.injected_at = time.time()
     os.killpg(pid, signal.SIGTERM)
     wait_until(lambda: not pid_alive(pid), 60.0, "the gateway exiting")
@@ -241,6 +258,19 @@ def gateway_restart(cfg: ChaosConfig, state: Stack, state_dir: Path, event: Faul
     state.write(state_dir)
     (state_dir / "gateway.pid").write_text(f"{gateway.process.pid}\n")
     event.detail["new_pid"] = gateway.process.pid
+
+
+def worker_pids(pid: int) -> set[int]:
+    """uvicorn's workers under its supervisor `pid` (Linux /proc): the children multiprocessing spawned to run a
+    function (`spawn_main`), not its resource tracker."""
+    workers: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            for child in task.read_text().split():
+                with contextlib.suppress(OSError):
+                    if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                        workers.add(int(child))
+    return workers
 
 
 def triton_kill(cfg: ChaosConfig, state: Stack, state_dir: Path, event: FaultEvent) -> None:
@@ -479,6 +509,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--gap-s", type=float, default=ChaosConfig.gap_s, help="seconds from one fault to the next")
     parser.add_argument("--hang-s", type=float, default=ChaosConfig.hang_s, help="how long Triton stays stopped")
     parser.add_argument("--triton-replicas", type=int, default=ChaosConfig.triton_replicas)
+    parser.add_argument("--gateway-workers", type=int, default=ChaosConfig.gateway_workers,
+                        help="uvicorn workers; >= 2 makes gateway-restart a rolling restart (default %(default)s)")
     parser.add_argument("--beam-width", type=int, default=ChaosConfig.beam_width)
     parser.add_argument("--doc", type=Path, default=None, help="also write the Markdown table to this file")
     return parser.parse_args(argv)
@@ -490,7 +522,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = args.out or Path("runs") / "chaos" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     cfg = ChaosConfig(args.run, out, args.model_repo, tuple(f for f in args.faults.split(",") if f), args.users,
-                      args.warmup_s, args.gap_s, args.hang_s, args.triton_replicas, args.beam_width,
+                      args.warmup_s, args.gap_s, args.hang_s, args.triton_replicas, args.gateway_workers,
+                      args.beam_width,
                       command=" ".join(["python -m loadtest.chaos", *(sys.argv[1:] if argv is None else argv)]))
     try:
         report = run_chaos(cfg)

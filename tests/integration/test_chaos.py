@@ -1,6 +1,7 @@
 """`python -m loadtest.chaos` reduced: its own stack (real Redis Cluster 3x1, tritonserver, the gateway under uvicorn),
-real locust for a few seconds, a Triton hang and a Redis master SIGKILL; the report's shape, no acknowledged event
-missing from Redis afterwards, and the stack stopped."""
+real locust for a few seconds, a Triton hang, a Redis master SIGKILL and a rolling restart of the gateway's two
+workers; the report's shape, no failed /recommend in the restart, no acknowledged event missing from Redis
+afterwards, and the stack stopped."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-FAULTS = ("triton-hang", "redis-failover")
+FAULTS = ("triton-hang", "redis-failover", "gateway-restart")
 RUN_TIMEOUT_S = 600  # the harness's own bounds: onerec up, the load + 60 s, onerec down
 
 
@@ -35,9 +36,12 @@ def test_chaos_harness_reduced(tiny_run: Path, exported_repo: Path, tmp_path: Pa
         assert row["p99_ms"] is not None
         assert row["recover_s"] is not None, f"{row['fault']}: answers never came back within the window: {row}"
         assert row["failures"] == row["endpoints"]["/recommend"]["failures"] + row["endpoints"]["/events"]["failures"]
-    hang, failover = report["faults"]
+    hang, failover, restart = report["faults"]
     assert hang["cleared_after_s"] >= 2.0  # SIGSTOPped for --hang-s
     assert failover["detail"]["rejoined_as"] == "slave"  # the killed master came back as its replica's replica
+    assert restart["detail"]["mode"] == "rolling (SIGHUP)" and len(restart["detail"]["new_workers"]) == 2
+    assert not set(restart["detail"]["new_workers"]) & set(restart["detail"]["old_workers"]), restart["detail"]
+    assert restart["endpoints"]["/recommend"]["failures"] == 0, restart  # each new worker served before an old retired
 
     events = report["events"]
     assert events["acknowledged"] > 0, "no /events was acknowledged: the check below would prove nothing"
@@ -46,5 +50,5 @@ def test_chaos_harness_reduced(tiny_run: Path, exported_repo: Path, tmp_path: Pa
     assert (done.returncode == 3) == any(row["endpoints"]["/recommend"]["failures"] for row in report["faults"])
 
     table = doc.read_text()
-    assert "| triton-hang |" in table and "| redis-failover |" in table and "python -m loadtest.chaos" in table
+    assert "| triton-hang |" in table and "| redis-failover |" in table and "| gateway-restart |" in table and "python -m loadtest.chaos" in table
     assert not (out / "stack" / "stack.json").exists(), "the harness left its stack running"

@@ -71,8 +71,8 @@ def local_config(targets: dict[str, str | list[str]], scrape_interval_s: float |
                  source: Path = PROMETHEUS_CONFIG) -> str:
     """The committed prometheus.yml with each job's targets replaced by `targets[job]` (host:port, or a list: one
     target, i.e. one `instance`, per Triton replica) as static targets in place of the job's service discovery,
-    and, when given, the scrape interval (and timeout) shortened to `scrape_interval_s`; as YAML text: the tests
-    and the local stack run the committed config."""
+    and, when given, the scrape interval (and timeout) shortened to `scrape_interval_s`, the rule files by
+    absolute path; as YAML text: the tests and the local stack run the committed config."""
     config = yaml.safe_load(Path(source).read_text())
     unknown = set(targets) - {job["job_name"] for job in config["scrape_configs"]}
     if unknown:
@@ -81,6 +81,8 @@ def local_config(targets: dict[str, str | list[str]], scrape_interval_s: float |
         interval = duration(scrape_interval_s)
         config.setdefault("global", {}).update(scrape_interval=interval, scrape_timeout=interval,
                                                evaluation_interval=interval)
+    # written elsewhere (RUN/stack/, a test's tmp dir): the committed rule files by absolute path
+    config["rule_files"] = [str((Path(source).parent / f).resolve()) for f in config.get("rule_files", [])]
     for job in config["scrape_configs"]:
         if scrape_interval_s is not None:
             job.pop("scrape_interval", None)

@@ -213,8 +213,10 @@ def test_canary_20_percent(live: Stack, permuted_run: Path, histories: list[list
     on_candidate = {user for user, v in seen.items() if v == {candidate}}
     assert 0.15 <= len(on_candidate) / len(users) <= 0.25
     assert on_candidate == {user for user in users if in_canary(user, candidate, 0.2)}  # the documented split
-    # the per-version series, scraped by a real Prometheus
+    # the per-version series, scraped by a real Prometheus (which loaded the committed alerting rules too)
     prometheus.wait_for_targets_up(timeout=30)
+    loaded = {rule["name"] for group in prometheus.api("rules")["groups"] for rule in group["rules"]}
+    assert {"OneRecGatewayNotReady", "OneRecHigh5xxRate", "OneRecTritonQueueTimeHigh"} <= loaded, loaded
     expr = f'sum(onerec_gateway_recommendations_total{{model_version="{candidate}",source="model"}})'
     deadline = time.monotonic() + 30
     value = 0.0

@@ -132,11 +132,15 @@ def evaluate(
     limit: LimitOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     no_reward: Annotated[bool, typer.Option("--no-reward", help="Skip the reward model's scores.")] = False,
+    new_item_share: Annotated[float, typer.Option(
+        help="Map answers as the gateway does with ONEREC_NEW_ITEM_SHARE: up to this share of the slots go to new "
+             "items (no training positive) sharing a generated item's first L-1 codes.")] = 0.0,
 ) -> None:
     """Recall / NDCG at 5 and 10 of generated sessions vs the held-out targets, beside a most-popular baseline; with a
     reward model (`onerec train-reward`), also its mean and max swt/vtr/wtr/ltr over the generated sessions."""
     scored = stages.evaluate(RunDir(run_dir), split.value, checkpoint=checkpoint, beam_width=beam_width, limit=limit,
-                             device=device, reward=not no_reward, progress=progress())
+                             device=device, reward=not no_reward, progress=progress(),
+                             new_item_share=new_item_share)
     result = scored.result
     if as_json:
         typer.echo(json.dumps(result.as_json()))

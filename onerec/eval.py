@@ -123,6 +123,7 @@ def evaluate(
     progress: bool = True,
     scorer: SessionScorer | None = None,
     protocol: str = "session",
+    new_item_share: float = 0.0,
 ) -> EvalResult:
     """Generate a session per held-out user and score it and the most-popular baseline on the same users, at
     `k` and at 10.
@@ -138,7 +139,8 @@ def evaluate(
     sessions). The top 10 is the served answer continued the same way (the best session, then the later
     sessions' new items); under `leave_one_out` (one target item), beam search over the first item
     of the session only, the ten best distinct first items in score order (TIGER's ranked list); the valid-SID
-    rate then counts those items, and the reward (a session-level score) is not computed.
+    rate then counts those items, and the reward (a session-level score) is not computed. `new_item_share` is the
+    gateway's ONEREC_NEW_ITEM_SHARE: new items placed by prefix match (`sessions_to_videos`).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"evaluate: unknown protocol {protocol!r}; use {' or '.join(PROTOCOLS)}")
@@ -181,7 +183,8 @@ def evaluate(
             reward_maxes += maxes
         for row, hist, session_leaves in zip(chunk, histories_video, leaves, strict=True):
             banned = hist.tolist() if beam.exclude_history else []
-            model_lists.append(list(sessions_to_videos(catalog, session_leaves, exclude=banned, k=top).video_ids))
+            model_lists.append(list(sessions_to_videos(catalog, session_leaves, exclude=banned, k=top,
+                                                       new_share=new_item_share).video_ids))
             popular_lists.append(catalog.most_popular(top, exclude=banned).tolist())
             targets.append([int(v) for v in sessions.targets[row] if v >= 0])
         bar.update(len(chunk))

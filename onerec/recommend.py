@@ -15,10 +15,11 @@ class Recommendation:
     video_ids: list[int]  # exactly k distinct videos
     from_model: int  # how many came from the best generated session
     backfilled: int  # how many came from later sessions or popularity
+    new_items: int = 0  # how many are new items placed by prefix match (`new_share`)
 
 
 def sessions_to_videos(
-    catalog: Catalog, sessions_leaves: np.ndarray, exclude: Iterable[int] = (), k: int = 5
+    catalog: Catalog, sessions_leaves: np.ndarray, exclude: Iterable[int] = (), k: int = 5, new_share: float = 0.0
 ) -> Recommendation:
     """`k` distinct videos from generated sessions (R, m) of leaf ids, best session first (-1 = missing).
 
@@ -26,10 +27,16 @@ def sessions_to_videos(
     that is neither excluded nor already chosen; a SID shared by several videos thus yields its most popular
     unseen one. The best session fills the list first, then the following sessions, then the most popular
     catalog videos, so the answer always holds `k` videos while the catalog has them.
+
+    With `new_share` > 0, TIGER's cold-start retrieval: after each generated leaf, the new items (popularity 0:
+    never a training positive, e.g. added by `onerec catalog add`) whose first L-1 codes equal that leaf's follow
+    it, at most ceil(new_share * k) of them in the answer (the model is never trained to generate them itself).
     """
     banned = set(int(v) for v in exclude)
     chosen: list[int] = []
     from_model = 0
+    quota = int(np.ceil(new_share * k)) if new_share > 0 else 0
+    placed = 0
     for rank, session in enumerate(np.asarray(sessions_leaves).reshape(len(sessions_leaves), -1)):
         for leaf in session:
             if len(chosen) == k:
@@ -41,11 +48,19 @@ def sessions_to_videos(
                 chosen.append(video)
                 banned.add(video)
                 from_model += rank == 0
+            for extra in catalog.new_items_beside(int(leaf)) if placed < quota else ():
+                if len(chosen) == k or placed == quota:
+                    break
+                if int(extra) not in banned:
+                    chosen.append(int(extra))
+                    banned.add(int(extra))
+                    placed += 1
         if len(chosen) == k:
             break
     if len(chosen) < k:
         chosen.extend(int(v) for v in catalog.most_popular(k - len(chosen), exclude=banned))
-    return Recommendation(video_ids=chosen, from_model=from_model, backfilled=len(chosen) - from_model)
+    return Recommendation(video_ids=chosen, from_model=from_model, backfilled=len(chosen) - from_model - placed,
+                          new_items=placed)
 
 
 def fully_banned_leaves(catalog: Catalog, video_ids: Iterable[int]) -> np.ndarray:

@@ -248,10 +248,11 @@ def train(run: RunDir, preset: str | None = None, epochs: int | None = None, lr:
 
 def evaluate(run: RunDir, split: str = "test", checkpoint: Path | None = None, beam_width: int | None = None,
              limit: int | None = None, device: str = "auto", reward: bool = True,
-             progress: bool = False) -> Evaluation:
+             progress: bool = False, new_item_share: float = 0.0) -> Evaluation:
     """Recall@5 / NDCG@5 of generated sessions vs the held-out `split`'s targets, beside a most-popular baseline;
     with `reward` and a reward model (`train_reward`), also its scores of the generated sessions. Writes
-    RUN/eval.json. `checkpoint` is the model directory (default RUN/model); `beam_width` overrides the preset's."""
+    RUN/eval.json. `checkpoint` is the model directory (default RUN/model); `beam_width` overrides the preset's;
+    `new_item_share` maps the answers as the gateway does with ONEREC_NEW_ITEM_SHARE (new items by prefix match)."""
     from onerec.data.sessions import Sessions
     from onerec.device import resolve_device
     from onerec.eval import evaluate as run_eval
@@ -267,6 +268,8 @@ def evaluate(run: RunDir, split: str = "test", checkpoint: Path | None = None, b
         if not 1 <= beam_width <= 1024:
             raise UsageError(f"--beam-width: must be in [1, 1024], got {beam_width}")
         beam = dataclasses.replace(beam, beam_width=beam_width)
+    if not 0.0 <= new_item_share <= 1.0:
+        raise UsageError(f"--new-item-share: must be in [0, 1], got {new_item_share}")
     catalog = Catalog.load(run.catalog)
     if not extends(run.catalog, str(trained.get("catalog_hash"))):  # the trained catalog, or grown by `catalog add`
         raise UsageError(f"{run.catalog}: catalog hash differs from the one the model was trained on")
@@ -280,8 +283,9 @@ def evaluate(run: RunDir, split: str = "test", checkpoint: Path | None = None, b
         scorer = session_scorer(load_reward(run.root, device=dev))
     protocol = run.read_marker("prepare")["data"].get("protocol", "session")
     result = run_eval(model, catalog, Sessions.load(run.sessions(split)), beam, limit=limit, device=dev,
-                      progress=progress, scorer=scorer, protocol=protocol)
+                      progress=progress, scorer=scorer, protocol=protocol, new_item_share=new_item_share)
     save_json(run.eval, {**result.as_json(), "split": split, "beam_width": beam.beam_width,
+                         "new_item_share": new_item_share,
                          "checkpoint": str(checkpoint), "seconds": round(result.seconds, 1)})
     return Evaluation(result=result, split=split, beam_width=beam.beam_width, checkpoint=checkpoint)
 

@@ -47,6 +47,8 @@ class Metrics:
                                       "History videos not in the served catalog (dropped)", [v], registry=r)
         self.backfilled_items = Counter("onerec_gateway_backfilled_items",
                                         "Items taken from later sessions or popularity", [v], registry=r)
+        self.new_items = Counter("onerec_gateway_new_items",
+                                 "New items placed by prefix match (ONEREC_NEW_ITEM_SHARE)", [v], registry=r)
         self.model_items = Counter("onerec_gateway_model_items", "Items taken from the best generated session",
                                    [v], registry=r)
         self.invalid_sids = Counter("onerec_gateway_invalid_sids", "Generated SIDs not in the catalog (must stay 0)",

@@ -72,11 +72,12 @@ class Recommender:
     def __init__(self, store: HistoryStore, model: ModelClient, pinned: Callable[[str], Pinned | None],
                  metrics: Metrics, history_len: int, on_version_change: Callable[[], Awaitable[None]] | None = None,
                  served: ServedItems | None = None, blocklist: BlockedVideos | None = None,
-                 max_banned_sids: int = 16384):
+                 max_banned_sids: int = 16384, new_item_share: float = 0.0):
         self.store, self.model, self.pinned, self.metrics = store, model, pinned, metrics
         self.served = served  # unique-items sketch (None: not tracked)
         self.blocklist = blocklist or NoBlocklist()
         self.max_banned_sids = max_banned_sids  # SIDs sent to the beam search per request
+        self.new_item_share = new_item_share  # slots new items may take by prefix match (sessions_to_videos)
         self.history_len = history_len
         self.on_version_change = on_version_change
         self._resyncs: set[asyncio.Task] = set()
@@ -181,12 +182,13 @@ class Recommender:
             if invalid:
                 log.error("triton returned %d SIDs outside the catalog of version %s", invalid, pin.version)
                 self.metrics.invalid_sids.labels(version).inc(invalid)
-            rec = sessions_to_videos(catalog, leaves, exclude=seen, k=SESSION_ITEMS)
+            rec = sessions_to_videos(catalog, leaves, exclude=seen, k=SESSION_ITEMS, new_share=self.new_item_share)
             best = leaves[0][leaves[0] >= 0]
             shared = np.diff(catalog.inverted_offsets)[best] > 1  # SIDs several videos share
             self.metrics.collision_hits.labels(version).inc(int(shared.sum()))
             self.metrics.model_items.labels(version).inc(rec.from_model)
             self.metrics.backfilled_items.labels(version).inc(rec.backfilled)
+            self.metrics.new_items.labels(version).inc(rec.new_items)
             self.metrics.recommendations.labels("model", version).inc()
         return Outcome(rec.video_ids, "model", pin.version, timings=timings)
 

@@ -125,7 +125,8 @@ class Services:
                                    settings.redis_timeout_s, metrics)
         self.recommender = Recommender(self.history, self.model, self.pin.pinned, metrics, settings.history_len,
                                        on_version_change=self.pin.sync, served=self.served,
-                                       blocklist=self.blocklist, max_banned_sids=settings.max_banned_sids)
+                                       blocklist=self.blocklist, max_banned_sids=settings.max_banned_sids,
+                                       new_item_share=settings.new_item_share)
         self._task: asyncio.Task | None = None
         self._gauge_versions: set[str] = set()  # the versions the per-version gauges are published for
 

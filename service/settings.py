@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     # blocked video is gone from every answer within blocklist_ttl_s + redis_timeout_s (the README promises 5 s).
     blocked_key: str = Field("onerec:blocked", description="Redis SET of blocked video ids")
     blocklist_ttl_s: float = Field(1.0, gt=0, le=2.0, description="how long a read of the blocklist is reused")
+    new_item_share: float = Field(0.0, ge=0.0, le=1.0, description="share of the 5 slots (rounded up) that new items "
+                                  "(never a training positive, e.g. from `onerec catalog add`) sharing a generated "
+                                  "item's first L-1 codes may take, placed after it (TIGER's cold-start retrieval); "
+                                  "0 = off")
     max_banned_sids: int = Field(16384, ge=0, description="excluded and blocked SIDs banned inside the beam search "
                                  "per request (the rest are filtered from the answer)")
 

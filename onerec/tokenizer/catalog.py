@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -113,6 +114,19 @@ class Catalog:
             raise ValueError(f"leaf {leaf} out of range [0, {self.num_leaves})")
         lo, hi = self.inverted_offsets[leaf], self.inverted_offsets[leaf + 1]
         return self.video_ids[self.inverted_items[lo:hi]]
+
+    def new_items_beside(self, leaf: int) -> tuple[int, ...]:
+        """Video ids (ascending) of the new items, popularity 0 (never a training positive, e.g. added by `onerec
+        catalog add`), whose first L-1 codes equal leaf `leaf`'s (its own new videos included)."""
+        return self._new_by_prefix.get(tuple(self.unique_sids[leaf, :-1].tolist()), ())
+
+    @functools.cached_property
+    def _new_by_prefix(self) -> dict[tuple[int, ...], tuple[int, ...]]:
+        """(L-1)-prefix -> video ids (ascending) of its popularity-0 items; built once per catalog."""
+        out: dict[tuple[int, ...], list[int]] = {}
+        for row in np.flatnonzero(self.popularity == 0).tolist():  # rows ascend with video id
+            out.setdefault(tuple(self.sids[row, :-1].tolist()), []).append(int(self.video_ids[row]))
+        return {prefix: tuple(videos) for prefix, videos in out.items()}
 
     def most_popular(self, n: int, exclude: Any = None) -> np.ndarray:
         """The n most popular video ids (tie-break order), skipping the video ids in `exclude`."""
@@ -240,3 +254,4 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             return {name: data[name] for name in (*_BASE_ARRAYS, "num_codes")}
     except Exception as err:  # zipfile, zlib, format and key errors all mean a corrupt file
         raise UsageError(f"{path}: corrupt or incomplete catalog arrays ({type(err).__name__}: {err})") from err
+

@@ -50,7 +50,7 @@ def build_gateway(store: FakeStore | None = None, model: FakeModel | None = None
 
     gw.recommender = Recommender(store, model, lambda *_: current, app.state.metrics, cfg.history_len,
                                  on_version_change=version_changed, blocklist=gw.blocklist,
-                                 max_banned_sids=cfg.max_banned_sids)
+                                 max_banned_sids=cfg.max_banned_sids, new_item_share=cfg.new_item_share)
     ready = readiness or Readiness(ready=True, redis=True, triton=True, catalog=True, model_version="7")
     app.dependency_overrides[get_recommender] = lambda: gw.recommender
     app.dependency_overrides[get_history] = lambda: store

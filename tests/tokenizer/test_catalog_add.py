@@ -353,6 +353,12 @@ def test_evaluate_accepts_a_catalog_grown_by_catalog_add_and_refuses_another(tin
     code, out, err = run_cli("evaluate", "--run", run, "--json", "--limit", "20")
     assert code == 0, err
     assert json.loads(out)["valid_sid_rate"] == 1.0
+    # the gateway's prefix match of new items, in evaluate: same users, recorded in eval.json; bad shares refused
+    code, out, err = run_cli("evaluate", "--run", run, "--json", "--limit", "20", "--new-item-share", "0.4")
+    assert code == 0, err
+    assert json.loads(out)["users"] == 20 and json.loads((run / "eval.json").read_text())["new_item_share"] == 0.4
+    code, out, err = run_cli("evaluate", "--run", run, "--new-item-share", "1.5")
+    assert code == 2 and "--new-item-share" in err, (code, err)
     other = permuted_catalog_run(tiny_run, tmp_path / "permuted")  # same model over a catalog it was not trained on
     code, out, err = run_cli("evaluate", "--run", other, "--json", "--limit", "20")
     assert code == 2 and "catalog hash differs" in err, (code, err)

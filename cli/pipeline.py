@@ -61,11 +61,17 @@ def tokenize(
     unique: Annotated[bool | None, typer.Option(
         "--unique/--no-unique", help="Collision-free last SID level, so every item is reachable (default: the "
         "preset's).")] = None,
+    window: Annotated[int | None, typer.Option(
+        help="Co-occurrence window of the PPMI-SVD embeddings: 0 = anywhere in a user's positives; W > 0 = items "
+             "at most W apart in the user's time order, weight 1/distance (default: the preset's).")] = None,
+    attribute_weight: Annotated[float | None, typer.Option(
+        help="Weight of the item attributes (e.g. Amazon brand/category) as pseudo-users in the embeddings; 0 = "
+             "interactions only (default: the preset's).")] = None,
     reuse: ReuseOption = False,
 ) -> None:
     """Embed items (PPMI-SVD by default), balanced residual k-means -> SIDs, and write the catalog."""
     stages.tokenize(RunDir(run_dir), preset, codes=codes, levels=levels, iters=iters, device=device, unique=unique,
-                    embeddings=embeddings, reuse=reuse)
+                    embeddings=embeddings, reuse=reuse, window=window, attribute_weight=attribute_weight)
 
 
 # --- train ------------------------------------------------------------------------------------------------

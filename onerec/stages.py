@@ -122,9 +122,11 @@ def prepare(run: RunDir, source: str = "movielens", options: SourceOptions | Non
 
 def tokenize(run: RunDir, preset: str | None = None, codes: int | None = None, levels: int | None = None,
              iters: int | None = None, device: str | None = None, embeddings: Path | None = None,
-             reuse: bool = False, unique: bool | None = None) -> Completed:
+             reuse: bool = False, unique: bool | None = None, window: int | None = None,
+             attribute_weight: float | None = None) -> Completed:
     """Embed items (PPMI-SVD, or the `embeddings` .npy), balanced residual k-means -> SIDs, and write the catalog;
-    `codes`/`levels`/`iters`/`device` override the preset's tokenizer settings."""
+    `codes`/`levels`/`iters`/`device`/`window` (`cooccurrence_window`)/`attribute_weight` override the preset's
+    tokenizer settings."""
     from onerec.data.attributes import load_item_attributes
     from onerec.data.embeddings import load_embeddings, ppmi_svd_embeddings
     from onerec.data.interactions import Interactions
@@ -136,7 +138,7 @@ def tokenize(run: RunDir, preset: str | None = None, codes: int | None = None, l
         return _reused(run, "tokenize", run.catalog)
     preset = run_preset(run, preset)
     cfg = _override(get_preset(preset).tokenizer, codes=codes, levels=levels, iters=iters, device=device,
-                    unique=unique)
+                    unique=unique, cooccurrence_window=window, attribute_weight=attribute_weight)
     _check_tokenizer(cfg)
     all_interactions = Interactions.load(run.interactions)
     train_interactions = Interactions.load(run.train_interactions)
@@ -153,7 +155,8 @@ def tokenize(run: RunDir, preset: str | None = None, codes: int | None = None, l
             attributes_file = item_attributes(run.read_marker("prepare"))
         attributes = None if attributes_file is None else load_item_attributes(attributes_file, video_ids)
         vectors = ppmi_svd_embeddings(train_interactions, video_ids, cfg.embedding_dim, seed=cfg.seed,
-                                      attributes=attributes, attribute_weight=cfg.attribute_weight)
+                                      attributes=attributes, attribute_weight=cfg.attribute_weight,
+                                      window=cfg.cooccurrence_window)
     run.invalidate_from("tokenize")  # inputs are valid: from here the old catalog is being replaced
     np.save(run.embeddings, vectors)
     result = residual_quantize(vectors, cfg)
@@ -176,6 +179,10 @@ def _check_tokenizer(cfg: TokenizerConfig) -> None:
         raise UsageError(f"--levels: must be >= 1, got {cfg.levels}")
     if cfg.iters < 1:
         raise UsageError(f"--iters: must be >= 1, got {cfg.iters}")
+    if cfg.attribute_weight < 0:
+        raise UsageError(f"--attribute-weight: must be >= 0, got {cfg.attribute_weight}")
+    if cfg.cooccurrence_window < 0:
+        raise UsageError(f"--window: must be >= 0, got {cfg.cooccurrence_window}")
 
 
 def _counts(items: np.ndarray, video_ids: np.ndarray) -> np.ndarray:

@@ -39,6 +39,31 @@ def cooccurrence(interactions: Interactions, video_ids: np.ndarray,
     return C
 
 
+def window_cooccurrence(interactions: Interactions, video_ids: np.ndarray, window: int,
+                        pseudo_users: sp.csr_matrix | None = None) -> sp.csr_matrix:
+    """(N, N) float64 sparse, symmetric: pairs of items at most `window` apart in a user's time order (timestamp,
+    then video id), each weighted 1/distance, diagonal removed; the next items, not the whole history, are what a
+    sequence model predicts. `pseudo_users` (P, N) add their X^T X as in `cooccurrence`."""
+    n = len(video_ids)
+    col = item_rows(video_ids, interactions.items)
+    keep = col >= 0
+    users, times, rows = interactions.users[keep], interactions.timestamps[keep], col[keep]
+    order = np.lexsort((interactions.items[keep], times, users))
+    users, rows = users[order], rows[order]  # (E,) in each user's time order
+    parts = []
+    for d in range(1, window + 1):
+        same = users[d:] == users[:-d]  # (E-d,) both ends in one user's sequence
+        a, b = rows[:-d][same], rows[d:][same]
+        parts.append(sp.coo_matrix((np.full(len(a), 1.0 / d), (a, b)), shape=(n, n)))
+    C = sp.csr_matrix((n, n)) if not parts else sum(parts[1:], parts[0]).tocsr()
+    C = (C + C.T).tocsr()
+    if pseudo_users is not None:
+        C = (C + pseudo_users.T @ pseudo_users).tocsr()
+    C = (C - sp.diags(C.diagonal())).tocsr()
+    C.eliminate_zeros()
+    return C
+
+
 def ppmi(C: sp.csr_matrix) -> sp.csr_matrix:
     """Positive PMI of a symmetric co-occurrence matrix, computed only on its non-zeros: stays sparse."""
     total = C.sum()
@@ -90,7 +115,7 @@ def truncated_svd(M: sp.csr_matrix, k: int, seed: int) -> tuple[np.ndarray, np.n
 
 def ppmi_svd_embeddings(
     interactions: Interactions, video_ids: np.ndarray, dim: int, seed: int = 0,
-    attributes: sp.csr_matrix | None = None, attribute_weight: float = 1.0,
+    attributes: sp.csr_matrix | None = None, attribute_weight: float = 1.0, window: int = 0,
 ) -> np.ndarray:
     """(N, k) float32 collaborative embeddings, row i for video_ids[i], L2-normalised; k = dim unless clamped.
 
@@ -100,7 +125,8 @@ def ppmi_svd_embeddings(
     zero rows. If dim exceeds the number of co-occurring items it is clamped, a warning is logged and
     fewer columns are returned. `attributes` (A, N) binary (`onerec.data.attributes`) join the users as
     pseudo-users weighted `attribute_weight`: items sharing a brand or category co-occur, so sparse items get
-    content neighbours (TIGER builds its SIDs from content for the same reason).
+    content neighbours (TIGER builds its SIDs from content for the same reason). With `window` > 0 the
+    co-occurrence is `window_cooccurrence` instead: items close in a user's sequence, not anywhere in it.
     """
     if dim < 1:
         raise UsageError(f"embedding_dim: must be >= 1, got {dim}")
@@ -108,7 +134,9 @@ def ppmi_svd_embeddings(
     if len(np.unique(video_ids)) != len(video_ids):
         raise ValueError("ppmi_svd_embeddings: video_ids must be unique")
     pseudo = None if attributes is None or attribute_weight <= 0 else attributes * attribute_weight
-    M = ppmi(cooccurrence(interactions, video_ids, pseudo))  # (N, N)
+    C = (window_cooccurrence(interactions, video_ids, window, pseudo) if window > 0
+         else cooccurrence(interactions, video_ids, pseudo))
+    M = ppmi(C)  # (N, N)
     active = np.flatnonzero(np.diff(M.indptr) > 0)  # (A,)
     M = M[active][:, active]  # (A, A)
     k = min(dim, len(active))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import onerec.data.embeddings as emb
-from onerec.data.embeddings import cooccurrence, load_embeddings, ppmi, ppmi_svd_embeddings
+from onerec.data.embeddings import cooccurrence, load_embeddings, ppmi, ppmi_svd_embeddings, window_cooccurrence
 from onerec.data.interactions import Interactions
 from onerec.data.synthetic import SyntheticConfig, generate
 from onerec.errors import UsageError
@@ -41,6 +41,31 @@ def test_cooccurrence_counts_shared_users_without_diagonal() -> None:
     x = _watch([(0, 1), (0, 2), (1, 1), (1, 2), (1, 3), (1, 3)])
     C = cooccurrence(x, np.array([1, 2, 3, 4])).toarray()
     np.testing.assert_array_equal(C, [[0, 2, 1, 0], [2, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
+
+
+def test_window_cooccurrence_hand_worked() -> None:
+    """User 0 watches 1, 2, 3, 4 in that order (timestamps), user 1 watches 4 then 1; window 2, weight 1/distance.
+    Pairs: (1,2) 1, (2,3) 1, (3,4) 1, (1,3) 1/2, (2,4) 1/2, and user 1's (4,1) 1; never across users; the 4, 1 of
+    user 1 are not adjacent to user 0's items. An item outside video_ids (9) is dropped before the distances."""
+    x = Interactions(users=[1, 0, 0, 1, 0, 0, 0], items=[4, 3, 1, 1, 9, 2, 4], ratings=np.ones(7),
+                     timestamps=[0, 2, 0, 1, 1, 1, 3])
+    C = window_cooccurrence(x, np.array([1, 2, 3, 4]), 2).toarray()
+    np.testing.assert_allclose(C, [[0, 1, 0.5, 1], [1, 0, 1, 0.5], [0.5, 1, 0, 1], [1, 0.5, 1, 0]])
+    wide = window_cooccurrence(x, np.array([1, 2, 3, 4]), 3).toarray()
+    assert wide[0, 3] == pytest.approx(1 + 1 / 3)  # 1 and 4 three apart for user 0, adjacent for user 1
+    assert np.array_equal(C, C.T) and np.all(np.diag(C) == 0)
+
+
+def test_a_window_embeds_items_by_what_follows_them() -> None:
+    """Two users' sequences alternate between blocks A (1..3) and B (4..6) only at their ends: with the whole
+    history every item co-occurs with every other, so A and B blur; within a window of 1 they separate."""
+    seq = [1, 2, 3, 1, 2, 3, 4, 5, 6, 4, 5, 6]
+    users = [0] * 12 + [1] * 12
+    x = Interactions(users=users, items=seq + seq[::-1], ratings=np.ones(24), timestamps=list(range(24)))
+    ids = np.arange(1, 7)
+    near = ppmi_svd_embeddings(x, ids, 2, window=1)
+    within, across = near[0] @ near[1], near[0] @ near[4]
+    assert within > across + 0.5, (within, across)
 
 
 def test_ppmi_hand_worked() -> None:

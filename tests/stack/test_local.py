@@ -115,7 +115,8 @@ def test_cluster_settings_for_the_gateway_and_load_histories(tmp_path):
 
 def test_cluster_ports_in_use_or_clashing_are_refused(tmp_path):
     base = cluster_port(6)
-    gateway, *triton = free_ports(4)
+    cluster = {base + i + bus for i in range(6) for bus in (0, 10000)}  # the nodes' ports and their buses
+    gateway, *triton = next(ports for ports in (free_ports(4) for _ in range(50)) if not cluster & set(ports))
     cfg = StackConfig(run=tmp_path, gateway_port=gateway, redis_port=base, redis_cluster=3, redis_replicas=1,
                       triton_ports=TritonPorts(*triton))
     Stack(cfg)._check_ports()  # all free

@@ -23,7 +23,7 @@ from typing import Any
 import redis
 
 from loadtest.chaos_events import HISTORY_PREFIX, histories, missing_events, read_attempts
-from loadtest.run import LOCUSTFILE, LoadTestError, Mix, Target, locust_command, locust_env, stop_group, write_report
+from loadtest.run import LOCUSTFILE, LoadTestError, Mix, Target, locust_command, start_locust, stop_group, write_report
 from loadtest.stats import Record, percentile, read_records
 from loadtest.steps import Step
 from stack.gateway import GatewayProcess
@@ -362,10 +362,7 @@ def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
         command = locust_command(target, load_dir, [Step(cfg.users, duration, float(cfg.users))], mix)
         command[command.index(str(LOCUSTFILE))] = str(CHAOS_LOCUSTFILE)
         load_dir.mkdir(parents=True, exist_ok=True)
-        log.info("running %s", " ".join(command))
-        with (load_dir / "locust.log").open("w") as output:
-            locust = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                                      env=locust_env(), start_new_session=True)
+        locust = start_locust(command, load_dir)
         try:
             started = wait_load_started(load_dir / "locust.log", locust)
             events = inject_all(cfg, state, state_dir, started)

@@ -89,22 +89,28 @@ def locust_env() -> dict[str, str]:
     return env
 
 
+def start_locust(command: list[str], out_dir: Path) -> subprocess.Popen[Any]:
+    """Start `command` (`locust_command`) in its own session, its output in OUT/locust.log; stop it with
+    `stop_group`."""
+    log.info("running %s", " ".join(command))
+    with (out_dir / "locust.log").open("w") as output:
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                                env=locust_env(), start_new_session=True)
+
+
 def run_locust(command: list[str], out_dir: Path, timeout_s: float) -> None:
     """Run locust to completion within `timeout_s` (else `stop_group`: SIGINT, SIGTERM, SIGKILL to its process
     group); its output goes to OUT/locust.log. Raises LoadTestError unless it exited 0."""
     log_path = out_dir / "locust.log"
-    log.info("running %s", " ".join(command))
-    with log_path.open("w") as output:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                                   env=locust_env(), start_new_session=True)
-        try:
-            code = process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            stop_group(process)
-            raise LoadTestError(f"locust ran past {timeout_s:g} s and was stopped; see {log_path}") from None
-        except BaseException:  # Ctrl-C: locust runs in its own session and would not see it
-            stop_group(process)
-            raise
+    process = start_locust(command, out_dir)
+    try:
+        code = process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        stop_group(process)
+        raise LoadTestError(f"locust ran past {timeout_s:g} s and was stopped; see {log_path}") from None
+    except BaseException:  # Ctrl-C: locust runs in its own session and would not see it
+        stop_group(process)
+        raise
     if code != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
         raise LoadTestError(f"locust exited with code {code}; see {log_path}:\n{tail}")

@@ -48,12 +48,12 @@ def sessions_to_videos(
                 chosen.append(video)
                 banned.add(video)
                 from_model += rank == 0
-            for extra in catalog.new_items_beside(int(leaf)) if placed < quota else ():
+            for extra in catalog.new_items_beside(int(leaf)):
                 if len(chosen) == k or placed == quota:
                     break
-                if int(extra) not in banned:
-                    chosen.append(int(extra))
-                    banned.add(int(extra))
+                if extra not in banned:
+                    chosen.append(extra)
+                    banned.add(extra)
                     placed += 1
         if len(chosen) == k:
             break

@@ -33,10 +33,7 @@ def cooccurrence(interactions: Interactions, video_ids: np.ndarray,
     X.data[:] = 1.0  # repeated (user, item) pairs were summed; binarise
     if pseudo_users is not None:
         X = sp.vstack([X, pseudo_users]).tocsr()  # (U + P, N)
-    C = (X.T @ X).tocsr()  # (N, N)
-    C = (C - sp.diags(C.diagonal())).tocsr()
-    C.eliminate_zeros()
-    return C
+    return _without_diagonal((X.T @ X).tocsr())  # (N, N)
 
 
 def window_cooccurrence(interactions: Interactions, video_ids: np.ndarray, window: int,
@@ -47,18 +44,21 @@ def window_cooccurrence(interactions: Interactions, video_ids: np.ndarray, windo
     n = len(video_ids)
     col = item_rows(video_ids, interactions.items)
     keep = col >= 0
-    users, times, rows = interactions.users[keep], interactions.timestamps[keep], col[keep]
-    order = np.lexsort((interactions.items[keep], times, users))
-    users, rows = users[order], rows[order]  # (E,) in each user's time order
-    parts = []
-    for d in range(1, window + 1):
-        same = users[d:] == users[:-d]  # (E-d,) both ends in one user's sequence
-        a, b = rows[:-d][same], rows[d:][same]
-        parts.append(sp.coo_matrix((np.full(len(a), 1.0 / d), (a, b)), shape=(n, n)))
-    C = sp.csr_matrix((n, n)) if not parts else sum(parts[1:], parts[0]).tocsr()
+    order = np.lexsort((interactions.items[keep], interactions.timestamps[keep], interactions.users[keep]))
+    users, rows = interactions.users[keep][order], col[keep][order]  # (E,) in each user's time order
+    same = [users[d:] == users[:-d] for d in range(1, window + 1)]  # (E-d,) both ends in one user's sequence
+    first = np.concatenate([rows[:-d][s] for d, s in enumerate(same, start=1)])
+    second = np.concatenate([rows[d:][s] for d, s in enumerate(same, start=1)])
+    weight = np.concatenate([np.full(int(s.sum()), 1.0 / d) for d, s in enumerate(same, start=1)])
+    C = sp.coo_matrix((weight, (first, second)), shape=(n, n)).tocsr()  # duplicates summed
     C = (C + C.T).tocsr()
     if pseudo_users is not None:
         C = (C + pseudo_users.T @ pseudo_users).tocsr()
+    return _without_diagonal(C)
+
+
+def _without_diagonal(C: sp.csr_matrix) -> sp.csr_matrix:
+    """C with its diagonal (an item with itself) removed and the explicit zeros dropped."""
     C = (C - sp.diags(C.diagonal())).tocsr()
     C.eliminate_zeros()
     return C

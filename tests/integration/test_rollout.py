@@ -7,7 +7,6 @@ different answer under each version: an answer mapped with a catalog other than 
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.run import Mix, Target, locust_command, locust_env, stop_group
+from loadtest.run import Mix, Target, locust_command, start_locust, stop_group
 from loadtest.stats import read_records
 from loadtest.steps import parse_steps
 from onerec.tokenizer.catalog import Catalog
@@ -282,9 +281,7 @@ def test_deploy_then_rollback_under_locust(live: Stack, permuted_run: Path, hist
     out_dir.mkdir()
     command = locust_command(Target(live.gateway.url, users_file, videos_file), out_dir,
                              parse_steps(f"{LOCUST_CLIENTS}x{LOCUST_MAX_S}"), Mix(warmup_s=0.0))
-    with (out_dir / "locust.log").open("w") as log:
-        locust = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                  env=locust_env(), start_new_session=True)
+    locust = start_locust(command, out_dir)
     try:
         time.sleep(5)  # locust traffic on the old version first
         deployed = rollout(live, "deploy", "--run", permuted_run)

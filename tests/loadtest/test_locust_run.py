@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.run import Mix, Target, locust_command, locust_env, run_loadtest, stop_group
+from loadtest.run import Mix, Target, locust_command, run_loadtest, start_locust, stop_group
 from loadtest.stats import read_records
 from loadtest.steps import parse_steps
 
@@ -113,9 +112,7 @@ def test_a_stopped_locust_still_writes_every_record(fake_gateway: str, tmp_path:
     out.mkdir()
     command = locust_command(Target(fake_gateway, tmp_path / "users.txt", tmp_path / "videos.txt"), out,
                              parse_steps("1x600"), Mix(wait_max_s=0.02))
-    with (out / "locust.log").open("w") as log:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   env=locust_env(), start_new_session=True)
+    process = start_locust(command, out)
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and FakeGateway.sent["/recommend"] < 20:

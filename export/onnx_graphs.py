@@ -45,7 +45,9 @@ class DecoderGraph(nn.Module):
     In: input_ids (B, W), beam_idx (B, W), candidates (Bc, G, C), encoder_attention_mask (B, N), then per
     layer the self cache key/value (B, W0, H, T, hd), then per layer the cross key/value (B, H, N, hd).
     Out: logits (B, W, C) float32, then per layer the new self cache key/value (B, W, H, T+1, hd). The beam
-    reorder (gather by beam_idx) runs inside the graph, on whatever device runs the graph.
+    reorder (gather by beam_idx) runs inside the graph, on whatever device runs the graph. A model with a node
+    table (`ModelConfig.node_buckets`) also takes past_prefix (B, W0) int64 last and returns present_prefix
+    (B, W) last: each beam's codes so far, reordered and extended like the cache.
     """
 
     def __init__(self, model: OneRecModel) -> None:
@@ -56,14 +58,22 @@ class DecoderGraph(nn.Module):
     def forward(self, input_ids: Tensor, beam_idx: Tensor, candidates: Tensor, mask: Tensor,
                 *caches: Tensor) -> tuple[Tensor, ...]:
         n = self.layers
-        self_kv, cross_kv = caches[: 2 * n], caches[2 * n :]
-        logits, present = self.model.decode_layers(
-            input_ids, self_kv[0::2], self_kv[1::2], cross_kv[0::2], cross_kv[1::2], mask, beam_idx, candidates
-        )  # (B, W, C), layers x (B, W, H, T+1, hd) x 2
+        self_kv, cross_kv, rest = caches[: 2 * n], caches[2 * n : 4 * n], caches[4 * n :]
+        logits, present, prefix = self.model.decode_layers(
+            input_ids, self_kv[0::2], self_kv[1::2], cross_kv[0::2], cross_kv[1::2], mask, beam_idx, candidates,
+            rest[0] if rest else None,
+        )  # (B, W, C), layers x (B, W, H, T+1, hd) x 2, (B, W) or None
         out: list[Tensor] = [logits.float()]
         for k, v in present:
             out.extend((k, v))
+        if prefix is not None:
+            out.append(prefix)
         return tuple(out)
+
+
+def carries_prefix(model: OneRecModel) -> bool:
+    """Whether the decoder graph has the past_prefix input and present_prefix output."""
+    return model.cfg.node_buckets > 0
 
 
 def cast_model(model: OneRecModel, precision: str) -> OneRecModel:
@@ -86,6 +96,7 @@ def example_inputs(model: OneRecModel) -> tuple[tuple[Tensor, ...], tuple[Tensor
     # distinct tensors per input: the tracer would merge one object passed twice into one graph input
     caches = [torch.randn(B, W0, cfg.n_heads, T, cfg.head_dim).to(dtype) for _ in range(2 * layers)]
     crosses = [torch.randn(B, cfg.n_heads, N, cfg.head_dim).to(dtype) for _ in range(2 * layers)]
+    prefix = [torch.randint(0, cfg.codes**2, (B, W0))] if carries_prefix(model) else []
     decoder = (
         torch.randint(0, cfg.codes, (B, W)),
         torch.randint(0, W0, (B, W)),
@@ -93,6 +104,7 @@ def example_inputs(model: OneRecModel) -> tuple[tuple[Tensor, ...], tuple[Tensor
         mask,
         *caches,
         *crosses,
+        *prefix,
     )
     return (history, mask), decoder
 
@@ -106,6 +118,7 @@ def export_graphs(model: OneRecModel, directory: Path, precision: str) -> tuple[
     self_in = [layout.past_name(i, "decoder", k) for i in range(layers) for k in KINDS]
     cross_in = [layout.past_name(i, "encoder", k) for i in range(layers) for k in KINDS]
     self_out = [layout.present_name(i, "decoder", k) for i in range(layers) for k in KINDS]
+    prefix_in, prefix_out = ([layout.PAST_PREFIX], [layout.PRESENT_PREFIX]) if carries_prefix(model) else ([], [])
     history_axes = {0: "batch", 1: "history"}
     cache_in_axes = {0: "batch", 1: "past_beams", 3: "past_length"}
     cross_axes = {0: "batch", 2: "history"}
@@ -121,8 +134,8 @@ def export_graphs(model: OneRecModel, directory: Path, precision: str) -> tuple[
         torch.onnx.export(
             DecoderGraph(model), dec_in, str(decoder_path), dynamo=False, opset_version=OPSET,
             input_names=[layout.INPUT_IDS, layout.BEAM_IDX, layout.CANDIDATES, layout.ENCODER_MASK,
-                         *self_in, *cross_in],
-            output_names=[layout.LOGITS, *self_out],
+                         *self_in, *cross_in, *prefix_in],
+            output_names=[layout.LOGITS, *self_out, *prefix_out],
             dynamic_axes={
                 layout.INPUT_IDS: {0: "batch", 1: "beams"},
                 layout.BEAM_IDX: {0: "batch", 1: "beams"},
@@ -132,6 +145,8 @@ def export_graphs(model: OneRecModel, directory: Path, precision: str) -> tuple[
                 **{name: cache_in_axes for name in self_in},
                 **{name: cross_axes for name in cross_in},
                 **{name: {0: "batch", 1: "beams", 3: "length"} for name in self_out},
+                **{name: {0: "batch", 1: "past_beams"} for name in prefix_in},
+                **{name: {0: "batch", 1: "beams"} for name in prefix_out},
             },
         )
     for path in (encoder_path, decoder_path):

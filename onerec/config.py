@@ -71,6 +71,11 @@ class ModelConfig:
     # `item_row(sid) % item_buckets` (onerec.model.onerec.item_rows). With item_buckets >= K^L every SID has
     # its own row (as SASRec's item table); 0 = codes only (the paper's encoder input)
     item_buckets: int = 0
+    # > 0: every decoder level adds a per-trie-node output row: the logit of code c after prefix p gets
+    # h . Node[row] + bias[row], row = `node_rows(p, c)` (the path (p, c) as one number with a level offset, mixed
+    # into [0, node_buckets); a bijection when node_buckets is a power of two >= K + K^2 + .. + K^L). A hierarchical
+    # softmax with a learned vector per prefix and per item; rows start at zero. 0 = the shared level heads only
+    node_buckets: int = 0
 
     @property
     def decoder_len(self) -> int:
@@ -90,7 +95,7 @@ class TrainConfig:
     warmup_steps: int = 200
     batch_size: int = 64
     epochs: int = 10
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's decoupled decay (with 0 AdamW is Adam)
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "auto"

@@ -38,6 +38,8 @@ class DecodeState(NamedTuple):
     cross_k: Tensor  # (layers, B, H, N, hd) once per request from memory, shared by all W beams
     cross_v: Tensor  # (layers, B, H, N, hd)
     memory_mask: Tensor  # (B, N) bool, True = real history item
+    # (B, W) long: each beam's current item's codes so far as one folded base-K number (`node_rows`); 0 at BOS
+    prefix: Tensor | None = None
 
 
 class ModelOutput(NamedTuple):
@@ -60,6 +62,36 @@ def item_rows(sids: Tensor, cfg: ModelConfig) -> Tensor:
     return flat * ITEM_HASH % cfg.item_buckets
 
 
+def node_offsets(cfg: ModelConfig) -> Tensor:
+    """(L,) long: offset of level l's paths, K + K^2 + .. + K^l (folded), so paths of different lengths differ."""
+    offsets, total = [], 0
+    for level in range(cfg.levels):
+        offsets.append(total % ITEM_PRIME)
+        total += cfg.codes ** (level + 1)
+    return torch.tensor(offsets)
+
+
+def extend_prefix(prefix: Tensor, codes: Tensor, cfg: ModelConfig) -> Tensor:
+    """prefix (*) folded base-K number of codes c_0..c_{l-1}, codes (*) c_l -> the number of c_0..c_l (folded
+    as `item_rows` folds, so at the last level it is the item's flat SID)."""
+    return (prefix * cfg.codes + codes) % ITEM_PRIME
+
+
+def node_rows(prefix: Tensor, codes: Tensor, offset: Tensor, cfg: ModelConfig) -> Tensor:
+    """Rows of the per-trie-node output table for child `codes` of `prefix` (broadcast together); `offset` is
+    `node_offsets(cfg)` at the children's level. Integer arithmetic only (ONNX Mul/Add/Mod), as `item_rows`."""
+    key = (extend_prefix(prefix, codes, cfg) + offset) % ITEM_PRIME
+    return key * ITEM_HASH % cfg.node_buckets
+
+
+def target_prefixes(targets: Tensor, cfg: ModelConfig) -> Tensor:
+    """targets (B, m, L) -> (B, m, L): entry l is the folded number of the item's codes before level l (0 at 0)."""
+    prefixes = [torch.zeros_like(targets[..., 0])]
+    for level in range(1, cfg.levels):
+        prefixes.append(extend_prefix(prefixes[-1], targets[..., level - 1], cfg))
+    return torch.stack(prefixes, dim=-1)
+
+
 class OneRecModel(nn.Module):
     """Encoder over the history items, MoE decoder over the session tokens, one output head per level.
 
@@ -70,6 +102,10 @@ class OneRecModel(nn.Module):
     per-level tables are stored as one (L*K, D) table with level offsets l*K. With cfg.item_buckets > 0 an
     item's own row of a (item_buckets, D) table is added (`item_rows`): the SIDs still carry what items share,
     the row what is particular to one item; rows start at zero, so a SID never seen in training adds nothing.
+
+    With cfg.node_buckets > 0 every level's logits also get a per-trie-node term, h . Node[row] + bias[row] for
+    child c of the item's prefix (`node_rows`): what the shared heads cannot say about one prefix or one item.
+    The decode step then carries each beam's prefix in `DecodeState.prefix`.
 
     Decoder sequence per session (paper eq. 3): [BOS, s1^1..s1^L, BOS, s2^1, .., sm^L], T = m*(L+1).
     The input at position p is BOS when p % (L+1) == 0, else the level (p % (L+1)) - 1 code of item
@@ -101,6 +137,9 @@ class OneRecModel(nn.Module):
         )
         self.dec_norm = nn.LayerNorm(D)
         self.heads = LevelHeads(L, D, K)
+        self.node_table = nn.Embedding(cfg.node_buckets, D) if cfg.node_buckets > 0 else None
+        self.node_bias = nn.Parameter(torch.zeros(cfg.node_buckets)) if cfg.node_buckets > 0 else None
+        self.register_buffer("node_offsets", node_offsets(cfg), persistent=False)  # (L,)
         self.drop = nn.Dropout(cfg.dropout)
         self.register_buffer("level_offsets", torch.arange(L) * K, persistent=False)  # (L,)
         self.reset_parameters()
@@ -123,8 +162,9 @@ class OneRecModel(nn.Module):
             elif isinstance(module, LevelHeads):
                 nn.init.normal_(module.weight, std=INIT_STD)
                 nn.init.zeros_(module.bias)
-        if self.item_table is not None:  # zero: an item never trained on adds nothing to its codes
-            nn.init.zeros_(self.item_table.weight)
+        for table in (self.item_table, self.node_table):  # zero: an item never trained on adds nothing
+            if table is not None:
+                nn.init.zeros_(table.weight)
 
     # ---- encoder -------------------------------------------------------------------------------------
 
@@ -164,7 +204,19 @@ class OneRecModel(nn.Module):
             x, layer_aux = layer(x, mem_k, mem_v, bias)
             aux = aux + layer_aux
         h = self.dec_norm(x).unflatten(1, (m, L + 1))[:, :, :L]  # (B, m, L, D): the predicting positions
-        return ModelOutput(self.heads(h), aux)
+        logits = self.heads(h)  # (B, m, L, K)
+        if self.node_table is not None:
+            codes = torch.arange(self.cfg.codes, device=targets.device)  # (K,) every child of each prefix
+            prefix = target_prefixes(targets, self.cfg)[..., None]  # (B, m, L, 1)
+            rows = node_rows(prefix, codes, self.node_offsets[:, None], self.cfg)  # (B, m, L, K)
+            logits = logits + self.node_logits(h, rows)
+        return ModelOutput(logits, aux)
+
+    def node_logits(self, h: Tensor, rows: Tensor) -> Tensor:
+        """h (*, D), rows (*, C) of the node table -> (*, C): h . Node[row] + bias[row]."""
+        assert self.node_table is not None and self.node_bias is not None
+        vectors = self.node_table(rows)  # (*, C, D)
+        return torch.matmul(vectors, h.unsqueeze(-1)).squeeze(-1) + self.node_bias[rows]
 
     def _check_targets(self, targets: Tensor) -> None:
         if targets.dim() != 3 or targets.shape[-1] != self.cfg.levels:
@@ -186,6 +238,7 @@ class OneRecModel(nn.Module):
             cross_k=torch.stack([k for k, _ in kv]),
             cross_v=torch.stack([v for _, v in kv]),
             memory_mask=mask,
+            prefix=torch.zeros((B, beams), dtype=torch.long, device=memory.device),
         )
 
     def step_token_ids(self, tokens: Tensor, position: Tensor) -> Tensor:
@@ -210,13 +263,13 @@ class OneRecModel(nn.Module):
         (B, W, C), of those codes only: the head's cost then follows the trie's fan-out, not K.
         A wrapper over `decode_layers` for the stacked `DecodeState`.
         """
-        logits, present = self.decode_layers(
+        logits, present, prefix = self.decode_layers(
             tokens, state.self_k.unbind(0), state.self_v.unbind(0), state.cross_k.unbind(0),
-            state.cross_v.unbind(0), state.memory_mask, beam_idx, candidates,
+            state.cross_v.unbind(0), state.memory_mask, beam_idx, candidates, state.prefix,
         )
         new_state = DecodeState(
             torch.stack([k for k, _ in present]), torch.stack([v for _, v in present]),
-            state.cross_k, state.cross_v, state.memory_mask,
+            state.cross_k, state.cross_v, state.memory_mask, prefix,
         )
         return logits, new_state
 
@@ -230,10 +283,13 @@ class OneRecModel(nn.Module):
         memory_mask: Tensor,
         beam_idx: Tensor | None = None,
         candidates: Tensor | None = None,
-    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        prefix: Tensor | None = None,
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]], Tensor | None]:
         """`decode_step` on per-layer caches: self_k/self_v layers x (B, W0, H, T, hd), cross_k/cross_v
-        layers x (B, H, N, hd). Returns the logits and layers x (k, v) (B, W, H, T+1, hd). This is exactly
-        the exported decoder graph: per-layer tensors in and out, so no step copies a stacked cache.
+        layers x (B, H, N, hd), prefix (B, W0) long or None. Returns the logits, layers x (k, v)
+        (B, W, H, T+1, hd) and the beams' new prefixes (B, W) (None when none came in; a model with a node
+        table needs them). This is exactly the exported decoder graph: per-layer tensors in and out, so no
+        step copies a stacked cache.
 
         No Python branching on data: the position comes from the cache's shape and the head and input-token
         table rows are picked by tensor ops, so one traced graph serves every position.
@@ -250,11 +306,30 @@ class OneRecModel(nn.Module):
                 k_cache, v_cache = reorder_beams(k_cache, beam_idx), reorder_beams(v_cache, beam_idx)
             x, k, v = layer.step(x, k_cache, v_cache, cross_k[i], cross_v[i], bias)
             present.append((k, v))  # (B, W, H, T+1, hd)
+        if prefix is not None:
+            prefix = self.step_prefix(prefix, tokens, position, beam_idx)  # (B, W)
         head = (position % (self.cfg.levels + 1)).clamp(max=self.cfg.levels - 1)  # (1,)
         h = self.dec_norm(x)  # (B, W, D)
         if candidates is None:
-            return self.heads.select(h, head), present  # (B, W, K)
-        return self.heads.select_candidates(h, head, candidates), present  # (B, W, C)
+            logits = self.heads.select(h, head)  # (B, W, K)
+            codes = torch.arange(self.cfg.codes, device=tokens.device)  # (K,)
+        else:
+            logits = self.heads.select_candidates(h, head, candidates)  # (B, W, C)
+            codes = candidates  # (Bc, G, C), broadcast against the beams' prefixes
+        if self.node_table is not None:
+            if prefix is None:
+                raise ValueError("a model with a node table decodes with the beams' prefixes (DecodeState.prefix)")
+            rows = node_rows(prefix.unsqueeze(-1), codes, self.node_offsets.index_select(0, head), self.cfg)
+            logits = logits + self.node_logits(h, rows.expand(logits.shape))  # (B, W, C)
+        return logits, present, prefix
+
+    def step_prefix(self, prefix: Tensor, tokens: Tensor, position: Tensor, beam_idx: Tensor | None) -> Tensor:
+        """prefix (B, W0) of the parents, tokens (B, W) input at `position` -> (B, W) the prefix its output
+        extends: 0 at a BOS position, else the parent's prefix followed by the input code."""
+        if beam_idx is not None:
+            prefix = prefix.gather(1, beam_idx)  # (B, W)
+        extended = extend_prefix(prefix.expand_as(tokens), tokens, self.cfg)
+        return torch.where(position % (self.cfg.levels + 1) == 0, torch.zeros_like(tokens), extended)
 
 
 def reorder_beams(cache: Tensor, beam_idx: Tensor) -> Tensor:

@@ -70,6 +70,8 @@ class OnnxModel:
                             for i in layers for k in KINDS]
         self.self_names = [(layout.present_name(i, "decoder", k), layout.past_name(i, "decoder", k))
                            for i in layers for k in KINDS]
+        if cfg.node_buckets > 0:  # the beams' prefixes travel beside the self cache (DecoderGraph)
+            self.self_names.append((layout.PRESENT_PREFIX, layout.PAST_PREFIX))
         logger.info("onnxruntime sessions on %s (%s) from %s", self.device_type, precision, directory)
 
     def to_device(self, array: np.ndarray) -> ort.OrtValue:
@@ -88,7 +90,9 @@ class OnnxModel:
         B = history.shape[0]
         # one beam: at the first position every beam is BOS on an empty cache, so one row stands for all
         empty = np.zeros((B, 1, self.cfg.n_heads, 0, self.cfg.head_dim), dtype=self.float_dtype)
-        cache = {past: self.to_device(empty) for _, past in self.self_names}
+        cache = {past: self.to_device(empty) for _, past in self.self_names if past != layout.PAST_PREFIX}
+        if self.cfg.node_buckets > 0:
+            cache[layout.PAST_PREFIX] = self.to_device(np.zeros((B, 1), dtype=np.int64))
         return OrtStep(self, self.encode(history, mask), cache, self.to_device(mask))
 
 

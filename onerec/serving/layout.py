@@ -32,6 +32,9 @@ BEAM_IDX = "beam_idx"  # (B, W) int64 parent beam of each beam: the cache is gat
 CANDIDATES = "candidates"  # (Bc, G, C) int64 codes to score, Bc in {1, B}, G in {1, W}
 ENCODER_MASK = "encoder_attention_mask"  # (B, N) bool
 LOGITS = "logits"  # (B, W, C) float32
+# only with ModelConfig.node_buckets > 0: each beam's codes so far as one folded number (onerec.model.onerec)
+PAST_PREFIX = "past_prefix"  # (B, W0) int64
+PRESENT_PREFIX = "present_prefix"  # (B, W) int64
 
 
 def past_name(layer: int, side: str, kind: str) -> str:

@@ -234,7 +234,7 @@ def train(
     progress: bool = True,
     cluster: Cluster | None = None,
 ) -> TrainResult:
-    """Train with Adam on next-token CE + aux; checkpoint each epoch; keep the best epoch's model by
+    """Train with AdamW on next-token CE + aux; checkpoint each epoch; keep the best epoch's model by
     `cfg.select` (validation loss, or the validation ranking of the next items).
 
     With a `cluster` of several processes (torchrun), each rank trains on its shard of every global batch (the same
@@ -260,7 +260,7 @@ def train(
         model, opt_state = OneRecModel(model_config_for(preset, catalog)).to(device), None
         state = {"epoch": 0, "step": 0, "best_val_loss": float("inf"), "best_epoch": -1, "history": []}
         state["train"] = to_dict(cfg)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)  # decoupled decay
     if opt_state is not None:
         optimizer.load_state_dict(opt_state)
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)

@@ -14,16 +14,35 @@ import torch.nn.functional as F
 
 from onerec.config import PRESETS, ModelConfig
 from onerec.errors import UsageError
-from onerec.model.onerec import DecodeState, OneRecModel, count_parameters, item_rows, load_model, save_model
+from onerec.model.onerec import (
+    DecodeState,
+    OneRecModel,
+    count_parameters,
+    item_rows,
+    load_model,
+    node_offsets,
+    node_rows,
+    save_model,
+    target_prefixes,
+)
 
 CFG: ModelConfig = PRESETS["tiny"].model
 L, K, M = CFG.levels, CFG.codes, CFG.session_len
 GARBAGE = 12345  # fed at BOS positions and padded history slots: must be ignored
 
 
+NODE_BUCKETS = 1024  # tiny: K + K^2 + K^3 = 584 paths, so every trie node has its own row
+
+
 def make_model(seed: int = 0, **overrides: object) -> OneRecModel:
+    """A tiny model; with node_buckets the node table gets trained-like (non-zero) rows, so it matters."""
     torch.manual_seed(seed)
-    return OneRecModel(dataclasses.replace(CFG, **overrides)).eval()
+    model = OneRecModel(dataclasses.replace(CFG, **overrides)).eval()
+    if model.node_table is not None:
+        with torch.no_grad():
+            model.node_table.weight.normal_()
+            model.node_bias.normal_()
+    return model
 
 
 def make_history(lengths: list[int], n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,8 +95,10 @@ def test_kv_cached_decoding_equals_full_forward_with_padded_histories() -> None:
 
 
 @torch.no_grad()
-def test_kv_cached_beams_with_reordering_equal_full_forward() -> None:
-    model = make_model()
+@pytest.mark.parametrize("node_buckets", [0, NODE_BUCKETS])
+def test_kv_cached_beams_with_reordering_equal_full_forward(node_buckets: int) -> None:
+    """With a node table the beams' prefixes must follow the reorders too (DecodeState.prefix)."""
+    model = make_model(node_buckets=node_buckets)
     history, mask = make_history([6, 3], n=6, seed=2)
     B, W = 2, 3
     # Beams reorder before positions 6 and 13 (mid-item), with repeated and dropped parents.
@@ -152,16 +173,17 @@ def test_beam_idx_can_grow_the_beam_count() -> None:
 
 @torch.no_grad()
 def test_traced_decode_step_generalises_across_positions_and_shapes() -> None:
-    """`torch.onnx.export(dynamo=False)` traces: one trace must serve every position, batch and beam count."""
-    model = make_model()
+    """`torch.onnx.export(dynamo=False)` traces: one trace must serve every position, batch and beam count
+    (with a node table, whose rows depend on the position's level and the beams' prefixes)."""
+    model = make_model(node_buckets=NODE_BUCKETS)
 
     class Step(torch.nn.Module):  # the flat tensor signature an ONNX graph has
         def __init__(self) -> None:
             super().__init__()
             self.model = model
 
-        def forward(self, tokens, self_k, self_v, cross_k, cross_v, memory_mask, beam_idx):
-            state = DecodeState(self_k, self_v, cross_k, cross_v, memory_mask)
+        def forward(self, tokens, self_k, self_v, cross_k, cross_v, memory_mask, prefix, beam_idx):
+            state = DecodeState(self_k, self_v, cross_k, cross_v, memory_mask, prefix)
             logits, new = self.model.decode_step(tokens, state, beam_idx)
             return logits, new.self_k, new.self_v
 
@@ -270,12 +292,13 @@ def test_same_seed_same_weights() -> None:
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("node_buckets", [0, NODE_BUCKETS])
 @pytest.mark.parametrize("shape", [(1, 1, 5), (2, 4, 3), (2, 1, 6), (1, 1, K)])
-def test_candidate_logits_equal_gathered_full_logits(shape) -> None:
-    """Scoring only the candidates' head rows gives exactly the full head's logits at those codes."""
+def test_candidate_logits_equal_gathered_full_logits(shape, node_buckets) -> None:
+    """Scoring only the candidates' head (and node) rows gives exactly the full logits at those codes."""
     from onerec.decoding.beam import gather_candidates
 
-    model = make_model()
+    model = make_model(node_buckets=node_buckets)
     history, mask = make_history([4, 2], n=4, seed=3)
     state = model.init_state(model.encode(history, mask), mask, beams=4)
     tokens = torch.randint(0, K, (2, 4))
@@ -326,3 +349,58 @@ def test_item_table_gets_gradients_only_on_the_rows_of_real_history_items() -> N
     touched = set(torch.nonzero(model.item_table.weight.grad.abs().sum(-1)).flatten().tolist())
     real = set(item_rows(history[mask], model.cfg).tolist())
     assert touched == real
+
+
+def test_node_rows_are_the_path_in_base_k_past_a_level_offset_and_a_bijection_over_every_trie_node() -> None:
+    cfg = dataclasses.replace(CFG, node_buckets=NODE_BUCKETS)
+    offsets = node_offsets(cfg)
+    assert offsets.tolist() == [0, 8, 72]  # K=8: level 1 paths start after the 8 first codes, level 2 after 8 + 64
+    # child 3 of prefix (1, 2): path 1*64 + 2*8 + 3 = 83, key 83 + 72 = 155, row 155 * 40503 % 1024 = 845 (by hand)
+    assert int(node_rows(torch.tensor(1 * K + 2), torch.tensor(3), offsets[2], cfg)) == 845
+    assert int(node_rows(torch.tensor(0), torch.tensor(5), offsets[0], cfg)) == 5 * 40503 % 1024 == 787
+    rows = []
+    for level in range(L):
+        paths = torch.arange(K**level)  # every prefix of this level (as a folded number)
+        rows.append(node_rows(paths[:, None], torch.arange(K), offsets[level], cfg).flatten())
+    every = torch.cat(rows)
+    assert every.numel() == K + K**2 + K**3 and torch.unique(every).numel() == every.numel()
+
+
+def test_target_prefixes_fold_the_codes_before_each_level() -> None:
+    targets = torch.tensor([[[1, 2, 3]]])  # (B=1, m=1, L=3)
+    assert target_prefixes(targets, CFG).tolist() == [[[0, 1, 1 * K + 2]]]
+    last = target_prefixes(targets, CFG)[..., -1] * K + targets[..., -1]  # the whole path = the item's flat SID
+    assert int(last) == 83
+
+
+@torch.no_grad()
+def test_node_table_starts_at_zero_so_a_fresh_model_scores_as_one_without_it() -> None:
+    torch.manual_seed(0)
+    with_nodes = OneRecModel(dataclasses.replace(CFG, node_buckets=NODE_BUCKETS)).eval()
+    plain = OneRecModel(CFG).eval()
+    missing, unexpected = plain.load_state_dict(with_nodes.state_dict(), strict=False)
+    assert not missing and sorted(unexpected) == ["node_bias", "node_table.weight"]
+    history, mask = make_history([5, 3], n=5, seed=41)
+    targets = make_targets((2,), seed=42)
+    torch.testing.assert_close(with_nodes(history, mask, targets).logits, plain(history, mask, targets).logits,
+                               rtol=0, atol=0)
+
+
+def test_node_table_gets_gradients_only_on_the_children_of_the_true_prefixes() -> None:
+    model = make_model(node_buckets=NODE_BUCKETS).train()
+    history, mask = make_history([4, 2], n=4, seed=51)
+    targets = make_targets((2,), seed=52)  # (B, m, L)
+    out = model(history, mask, targets)
+    F.cross_entropy(out.logits.flatten(0, 2), targets.flatten()).backward()
+    touched = set(torch.nonzero(model.node_table.weight.grad.abs().sum(-1)).flatten().tolist())
+    prefix = target_prefixes(targets, model.cfg)  # (B, m, L)
+    children = node_rows(prefix[..., None], torch.arange(K), model.node_offsets[:, None], model.cfg)
+    assert touched == set(children.flatten().tolist())  # each level's softmax: every child of the true prefix
+
+
+def test_a_model_with_a_node_table_refuses_to_decode_without_prefixes() -> None:
+    model = make_model(node_buckets=NODE_BUCKETS)
+    history, mask = make_history([3], n=3, seed=61)
+    state = model.init_state(model.encode(history, mask), mask, beams=2)._replace(prefix=None)
+    with pytest.raises(ValueError, match="prefixes"):
+        model.decode_step(torch.zeros(1, 2, dtype=torch.long), state)

@@ -71,6 +71,38 @@ def test_ranked_next_items_equal_torch_reference(exported_repo: Path, tiny_run: 
         assert not np.isin(items, exclude[b]).any()
 
 
+def test_a_model_with_a_node_table_serves_exactly_the_torch_reference(tiny_run: Path, users,
+                                                                    tmp_path_factory: pytest.TempPathFactory):
+    """ModelConfig.node_buckets > 0: the decoder graph carries every beam's prefix (past_prefix/present_prefix),
+    and trie-constrained beam search over it returns exactly torch's sessions and scores."""
+    import dataclasses
+
+    from onerec.model.onerec import OneRecModel, save_model
+
+    run = tmp_path_factory.mktemp("nodes") / "run"
+    shutil.copytree(tiny_run, run)
+    trained = load_model(tiny_run / "model")
+    model = OneRecModel(dataclasses.replace(trained.cfg, node_buckets=1024)).eval()
+    model.load_state_dict(trained.state_dict(), strict=False)
+    with torch.no_grad():  # trained-like node rows, so the answer depends on them
+        torch.nn.init.normal_(model.node_table.weight, std=0.3)
+        torch.nn.init.normal_(model.node_bias, std=0.3)
+    save_model(model, run / "model")
+    repo = tmp_path_factory.mktemp("nodes_repo")
+    code, _, err = run_cli("export", "--run", run, "--out", repo, "--precision", "fp32", "--session-len", "1")
+    assert code == 0, err
+    served_engine = Engine(repo / "onerec" / "1", device="cpu")
+    assert served_engine.cfg.node_buckets == 1024
+    served = served_engine.generate([served_engine.query(h, BEAM.beam_width, BEAM.num_sessions) for h in users])
+    exclude = [served_engine.catalog.trie.leaf_of(h) for h in users]
+    reference = generate(model, served_engine.catalog.trie, users, BEAM, exclude=exclude, session_len=1)
+    plain = generate(trained, served_engine.catalog.trie, users, BEAM, exclude=exclude, session_len=1)
+    for b, result in enumerate(served):
+        assert torch.equal(result.sessions[0], reference.sessions[b])
+        torch.testing.assert_close(result.scores[0], reference.scores[b], atol=1e-4, rtol=1e-5)
+    assert any(not torch.equal(p, r) for p, r in zip(plain.sessions, reference.sessions, strict=True))
+
+
 def test_first_position_runs_one_row_per_request(engine: Engine, users, monkeypatch):
     """Every beam starts as BOS on an empty cache: the first decoder call runs one row per request, the
     next gathers all W beams from it, and the answer is the one the reference test above pins."""

@@ -176,3 +176,31 @@ def test_constrained_training_runs_and_records_the_constrained_validation_loss(t
     constrained = ntp.evaluate_loss(model, val, 64, cpu, ntp.ValidCodes(catalog, cpu))
     assert result.history[0]["val_loss"] == pytest.approx(constrained, rel=1e-5)
     assert constrained < ntp.evaluate_loss(model, val, 64, cpu)
+
+
+def test_training_a_node_table_model_moves_the_rows_of_trained_prefixes_only(tiny_run: Path, tmp_path: Path):
+    """ModelConfig.node_buckets with AdamW's decoupled weight decay: the saved model has the table, the rows of
+    the catalog's trie nodes moved away from zero, and the rows no trie node maps to stayed exactly zero (AdamW
+    decays a zero row to zero)."""
+    from onerec.model.onerec import load_model, node_offsets, node_rows
+
+    catalog, train, val = _data(tiny_run)
+    base = PRESETS["tiny"]
+    preset = dataclasses.replace(base, model=dataclasses.replace(base.model, node_buckets=1024),
+                                 train=dataclasses.replace(base.train, epochs=1, weight_decay=0.05))
+    ntp.train(preset, catalog, train, val, tmp_path / "ckpt", tmp_path / "best", progress=False)
+    model = load_model(tmp_path / "best")
+    assert model.cfg.node_buckets == 1024
+    cfg, sids = model.cfg, torch.from_numpy(catalog.unique_sids.astype(np.int64))  # (items, L)
+    offsets, prefix, rows = node_offsets(cfg), torch.zeros(len(sids), dtype=torch.long), []
+    for level in range(cfg.levels):  # every catalog item's path node at every level
+        rows.append(node_rows(prefix, sids[:, level], offsets[level], cfg))
+        prefix = prefix * cfg.codes + sids[:, level]
+    used = torch.unique(torch.cat(rows))
+    norms = model.node_table.weight.detach().norm(dim=-1)  # (node_buckets,)
+    assert bool((norms[used] > 0).float().mean() > 0.9)
+    unused = torch.ones(len(norms), dtype=torch.bool)
+    unused[used] = False
+    # a row outside the trie still gets gradient as a sibling of the true child (all K children are scored),
+    # so only those never a child of a trained prefix stay zero: at least the rows past the paths' range
+    assert int((norms[unused] == 0).sum()) >= cfg.node_buckets - (cfg.codes + cfg.codes**2 + cfg.codes**3)

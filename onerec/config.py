@@ -76,6 +76,10 @@ class ModelConfig:
     # into [0, node_buckets); a bijection when node_buckets is a power of two >= K + K^2 + .. + K^L). A hierarchical
     # softmax with a learned vector per prefix and per item; rows start at zero. 0 = the shared level heads only
     node_buckets: int = 0
+    # True: each history item attends only to itself and older items (most recent first: index n sees m >= n), so
+    # the encoder state at n summarises the history up to that item and one pass trains every position at once
+    # (`TrainConfig.all_positions`, SASRec's regime); serving reads all of them, as before
+    causal_encoder: bool = False
 
     @property
     def decoder_len(self) -> int:
@@ -111,6 +115,10 @@ class TrainConfig:
     # constrained beam search makes, instead of all K codes: the model is not taught to push down (prefix, code)
     # pairs that hold no item (which also made it refuse SIDs `catalog add` gives later); docs/QUALITY.md
     constrained_loss: bool = False
+    # train on each user's whole training sequence in one pass (needs ModelConfig.causal_encoder and one-item
+    # targets): every history position predicts the item after it, the decoder reading only the encoder states
+    # up to that item (SASRec's regime: one forward per user instead of one per window)
+    all_positions: bool = False
 
 
 @dataclass(frozen=True)

@@ -216,7 +216,7 @@ def train(run: RunDir, preset: str | None = None, epochs: int | None = None, lr:
 
     Under torchrun with several processes it trains data-parallel (`onerec.train.distributed`; the batch size is
     the global batch); rank 0 writes the checkpoints, RUN/model and the marker."""
-    from onerec.data.sessions import Sessions
+    from onerec.data.sessions import Sessions, longest_per_user
     from onerec.data.sid import SidSessions
     from onerec.tokenizer.catalog import Catalog
     from onerec.train.distributed import process_group
@@ -229,7 +229,10 @@ def train(run: RunDir, preset: str | None = None, epochs: int | None = None, lr:
     train_cfg = chosen.train
     catalog = Catalog.load(run.catalog)
     history_len = chosen.model.history_len
-    train_data = SidSessions.from_sessions(Sessions.load(run.sessions("train")), catalog, history_len)
+    train_sessions = Sessions.load(run.sessions("train"))
+    if train_cfg.all_positions:  # one row per user, its whole sequence: every position is a target in one pass
+        train_sessions = longest_per_user(train_sessions)
+    train_data = SidSessions.from_sessions(train_sessions, catalog, history_len)
     val_data = SidSessions.from_sessions(Sessions.load(run.sessions("val")), catalog, history_len)
     with process_group(train_cfg.device) as cluster:
         if cluster.is_main:

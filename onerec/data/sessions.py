@@ -245,3 +245,17 @@ def latest_histories(interactions: Interactions, positive_rating: float, cap: in
         lo = start + max(0, count - cap)
         out.append((user, items[lo : start + count][::-1].copy()))  # (<=cap,) most recent first
     return out
+
+
+def longest_per_user(sessions: Sessions) -> Sessions:
+    """Each user's session with the longest history (the last of equals): with leave-one-out windows, the user's
+    last training target, whose history is the whole training sequence (`TrainConfig.all_positions`)."""
+    lengths = sessions.history_lengths
+    order = np.lexsort((np.arange(len(sessions)), lengths, sessions.users))  # by user, then length, then row
+    last = np.r_[sessions.users[order][1:] != sessions.users[order][:-1], True]
+    rows = np.sort(order[last])
+    chunks = [sessions.history_of(int(i)) for i in rows]
+    offsets = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
+    history = np.concatenate(chunks) if chunks else sessions.history[:0]
+    return Sessions(users=sessions.users[rows], history=history, history_offsets=offsets,
+                    targets=sessions.targets[rows])

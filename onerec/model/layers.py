@@ -20,6 +20,21 @@ def padding_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return ((~mask).to(dtype) * torch.finfo(dtype).min)[:, None, None, :]
 
 
+def older_only_bias(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(1, 1, n, n) additive bias of a causal encoder over a most-recent-first history: query i sees keys j >= i
+    (itself and older items). Built from arange, so one traced graph serves every length."""
+    idx = torch.arange(n, device=device)
+    return ((idx[None, :] < idx[:, None]).to(dtype) * torch.finfo(dtype).min)[None, None]
+
+
+def group_causal_bias(groups: int, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(1, 1, G*S, G*S) additive bias: position p sees q iff both lie in the same block of `size` and q <= p (the
+    decoder of every target at once, each block one target's [BOS, codes])."""
+    p = torch.arange(groups * size, device=device)
+    allowed = (p[None, :] // size == p[:, None] // size) & (p[None, :] <= p[:, None])
+    return ((~allowed).to(dtype) * torch.finfo(dtype).min)[None, None]
+
+
 def split_heads(x: Tensor, n_heads: int) -> Tensor:
     """(*, S, D) -> (*, H, S, hd)."""
     return x.unflatten(-1, (n_heads, -1)).transpose(-3, -2)
@@ -70,7 +85,7 @@ class SelfAttention(nn.Module):
         return split_heads(q, self.n_heads), split_heads(k, self.n_heads), split_heads(v, self.n_heads)
 
     def forward(self, x: Tensor, bias: Tensor | None = None, causal: bool = False) -> Tensor:
-        """x (B, S, D), bias (B, 1, 1, S) or None -> (B, S, D)."""
+        """x (B, S, D), bias broadcast to (B, H, S, S) (e.g. (B, 1, 1, S)) or None -> (B, S, D)."""
         q, k, v = self.project(x)  # (B, H, S, hd)
         p = self.dropout if self.training else 0.0
         return self.out(merge_heads(attend(q, k, v, bias, p, causal)))
@@ -187,7 +202,7 @@ class EncoderLayer(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
-        """x (B, N, D), bias (B, 1, 1, N) -> (B, N, D)."""
+        """x (B, N, D), bias (B, 1, 1, N) or (B, 1, N, N) -> (B, N, D)."""
         x = x + self.drop(self.attn(self.ln_attn(x), bias))
         return x + self.drop(self.ffn(self.ln_ffn(x)))
 
@@ -215,9 +230,14 @@ class DecoderLayer(nn.Module):
         y, aux = self.ffn(h.reshape(-1, h.shape[-1]))  # tokens (S, D)
         return x + self.drop(y.reshape(x.shape)), aux
 
-    def forward(self, x: Tensor, mem_k: Tensor, mem_v: Tensor, mem_bias: Tensor) -> tuple[Tensor, Tensor]:
-        """Teacher-forced pass: x (B, T, D), mem_k/v (B, H, N, hd), mem_bias (B, 1, 1, N) -> x, aux."""
-        x = x + self.drop(self.self_attn(self.ln_self(x), causal=True))
+    def forward(self, x: Tensor, mem_k: Tensor, mem_v: Tensor, mem_bias: Tensor,
+                self_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Teacher-forced pass: x (B, T, D), mem_k/v (B, H, N, hd), mem_bias (B, 1, 1, N) or (B, 1, T, N) -> x,
+        aux. Self-attention is causal, or follows `self_bias` (1, 1, T, T) additive when given."""
+        if self_bias is None:
+            x = x + self.drop(self.self_attn(self.ln_self(x), causal=True))
+        else:
+            x = x + self.drop(self.self_attn(self.ln_self(x), self_bias))
         x = x + self.drop(self.cross_attn(self.ln_cross(x), mem_k, mem_v, mem_bias))
         return self._feed_forward(x)
 

@@ -18,7 +18,14 @@ from torch import Tensor, nn
 
 from onerec.config import ModelConfig, from_dict, save_json, to_dict
 from onerec.errors import UsageError
-from onerec.model.layers import DecoderLayer, EncoderLayer, LevelHeads, padding_bias
+from onerec.model.layers import (
+    DecoderLayer,
+    EncoderLayer,
+    LevelHeads,
+    group_causal_bias,
+    older_only_bias,
+    padding_bias,
+)
 from onerec.model.moe import MoEFeedForward
 
 M = TypeVar("M", bound=nn.Module)
@@ -177,6 +184,8 @@ class OneRecModel(nn.Module):
             x = x + self.item_table(item_rows(sids, self.cfg))
         x = self.drop(x)
         bias = padding_bias(mask, x.dtype)  # (B, 1, 1, N)
+        if self.cfg.causal_encoder:  # (B, 1, N, N): item n reads itself and older items only
+            bias = (bias + older_only_bias(history.shape[1], x.dtype, x.device)).clamp(min=torch.finfo(x.dtype).min)
         for layer in self.encoder:
             x = layer(x, bias)
         return self.enc_norm(x)
@@ -204,13 +213,41 @@ class OneRecModel(nn.Module):
             x, layer_aux = layer(x, mem_k, mem_v, bias)
             aux = aux + layer_aux
         h = self.dec_norm(x).unflatten(1, (m, L + 1))[:, :, :L]  # (B, m, L, D): the predicting positions
+        return ModelOutput(self.output_logits(h, targets), aux)
+
+    def forward_positions(self, history: Tensor, mask: Tensor, targets: Tensor) -> ModelOutput:
+        """Every position at once (`TrainConfig.all_positions`, needs cfg.causal_encoder): history (B, N, L),
+        mask (B, N), targets (B, N, L) the item that followed each history item (targets[:, 0] the one after the
+        most recent). Target n's decoder block [BOS, codes] reads only encoder states n.. (that item and older).
+        Returns logits (B, N, L, K); target 0's equal `forward(history, mask, targets[:, :1])`'s."""
+        if not self.cfg.causal_encoder:
+            raise ValueError("forward_positions needs ModelConfig.causal_encoder (a state must not see later items)")
+        B, N, L = targets.shape
+        memory = self.encode(history, mask)  # (B, N, D)
+        tokens = self.decoder_inputs(targets)  # (B, N*(L+1))
+        positions = torch.arange(tokens.shape[1], device=tokens.device) % (L + 1)  # each block from 0
+        x = self.drop(self.token_emb(tokens) + self.dec_pos(positions))  # (B, N*(L+1), D)
+        self_bias = group_causal_bias(N, L + 1, x.dtype, x.device)  # (1, 1, N*(L+1), N*(L+1))
+        older = older_only_bias(N, x.dtype, x.device).repeat_interleave(L + 1, dim=2)  # (1, 1, N*(L+1), N)
+        cross_bias = (padding_bias(mask, x.dtype) + older).clamp(min=torch.finfo(x.dtype).min)  # (B, 1, N(L+1), N)
+        aux = x.new_zeros(())
+        for layer in self.decoder:
+            mem_k, mem_v = layer.cross_attn.project_kv(memory)
+            x, layer_aux = layer(x, mem_k, mem_v, cross_bias, self_bias)
+            aux = aux + layer_aux
+        h = self.dec_norm(x).unflatten(1, (N, L + 1))[:, :, :L]  # (B, N, L, D)
+        return ModelOutput(self.output_logits(h, targets), aux)
+
+    def output_logits(self, h: Tensor, targets: Tensor) -> Tensor:
+        """h (B, m, L, D) the predicting states of targets (B, m, L) -> logits (B, m, L, K): the level heads, plus
+        the node rows of every child of each target prefix with a node table."""
         logits = self.heads(h)  # (B, m, L, K)
         if self.node_table is not None:
             codes = torch.arange(self.cfg.codes, device=targets.device)  # (K,) every child of each prefix
             prefix = target_prefixes(targets, self.cfg)[..., None]  # (B, m, L, 1)
             rows = node_rows(prefix, codes, self.node_offsets[:, None], self.cfg)  # (B, m, L, K)
             logits = logits + self.node_logits(h, rows)
-        return ModelOutput(logits, aux)
+        return logits
 
     def node_logits(self, h: Tensor, rows: Tensor) -> Tensor:
         """h (*, D), rows (*, C) of the node table -> (*, C): h . Node[row] + bias[row]."""

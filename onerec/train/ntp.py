@@ -101,6 +101,25 @@ def session_loss(model: OneRecModel, history, mask, targets,
     return ce, out.aux_loss
 
 
+def position_targets(history: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A whole sequence's targets for `TrainConfig.all_positions`: history (B, N, L) most recent first, mask (B, N),
+    targets (B, m, L) of the window -> (B, N, L): position 0 predicts the window's first target item, position n
+    the history item after it (n - 1); -1 at padding, which the loss skips."""
+    shifted = torch.cat([targets[:, :1], history[:, :-1]], dim=1)  # (B, N, L)
+    return torch.where(mask[..., None], shifted, torch.full_like(shifted, -1))
+
+
+def positions_loss(model: OneRecModel, history, mask, targets,
+                   valid: ValidCodes | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`session_loss` of every history position at once (`OneRecModel.forward_positions`): the mean cross-entropy
+    over the real positions' L codes, and the MoE auxiliary loss."""
+    every = position_targets(history, mask, targets)  # (B, N, L)
+    out = model.forward_positions(history, mask, every.clamp_min(0))  # logits (B, N, L, K)
+    logits = out.logits if valid is None else valid.constrain(out.logits, every)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), every.reshape(-1), ignore_index=-1)
+    return ce, out.aux_loss
+
+
 @torch.no_grad()
 def evaluate_loss(model: OneRecModel, data: SidSessions, batch_size: int, device: torch.device,
                   valid: ValidCodes | None = None) -> float:
@@ -244,6 +263,10 @@ def train(
     test_distributed.py); with dropout each rank draws its own masks."""
     cluster = cluster or Cluster()
     cfg = preset.train
+    if cfg.all_positions and not preset.model.causal_encoder:
+        raise UsageError("train.all_positions needs model.causal_encoder (a position must not see later items)")
+    if cfg.all_positions and cluster.distributed:
+        raise UsageError("train.all_positions trains in one process (not under torchrun yet)")
     if cfg.select not in SELECT_METRICS:
         raise UsageError(f"train.select: unknown metric {cfg.select!r}; use one of {', '.join(SELECT_METRICS)}")
     if len(train_data) == 0:
@@ -299,7 +322,8 @@ def train(
                 targets = shuffled_targets(torch.from_numpy(train_data.targets[idx]), rng)[mine]
             history, mask, targets = history.to(device), mask.to(device), targets.to(device)
             if tap is None:
-                ce, aux = session_loss(model, history, mask, targets, valid)
+                loss_of = positions_loss if cfg.all_positions else session_loss
+                ce, aux = loss_of(model, history, mask, targets, valid)
                 loss = ce + model.cfg.aux_loss_coef * aux
             else:
                 logits = net(history, mask, targets.clamp_min(0)).logits  # (b, m, L, K)

@@ -178,3 +178,20 @@ def test_decoder_with_a_node_table_carries_the_beams_prefixes_and_equals_torch(t
     rows = [history[b, : int(mask[b].sum())].numpy() for b in range(len(history))]
     gap = logit_gap(model, onnx_model, rows, beams=4)
     assert gap < (1e-4 if precision == "fp32" else 0.05)  # fp16 against torch fp32: 0.012 seen, logits ~N(0, 16)
+
+
+@torch.no_grad()
+def test_causal_encoder_exports_and_equals_torch_at_another_history_length(tmp_path):
+    """The older-only mask is built from the history's length inside the graph (traced at N = 5, run at 7)."""
+    cfg = dataclasses.replace(CFG, causal_encoder=True)
+    torch.manual_seed(7)
+    model = OneRecModel(cfg).eval()
+    export_graphs(model, tmp_path, "fp32")
+    onnx_model = OnnxModel(tmp_path, cfg, "fp32", device="cpu")
+    history, mask = histories(8)  # (3, 7, L)
+    cross = onnx_model.encode(history.numpy(), mask.numpy())
+    for i, layer in enumerate(model.decoder):
+        k, v = layer.cross_attn.project_kv(model.encode(history, mask))
+        real = mask[:, None, :, None].expand_as(k)  # padded positions' states are never read
+        got_k = torch.from_numpy(cross[f"past_key_values.{i}.encoder.key"].numpy())
+        np.testing.assert_allclose(got_k[real].numpy(), k[real].numpy(), atol=1e-5)

@@ -404,3 +404,57 @@ def test_a_model_with_a_node_table_refuses_to_decode_without_prefixes() -> None:
     state = model.init_state(model.encode(history, mask), mask, beams=2)._replace(prefix=None)
     with pytest.raises(ValueError, match="prefixes"):
         model.decode_step(torch.zeros(1, 2, dtype=torch.long), state)
+
+
+@torch.no_grad()
+def test_causal_encoder_state_of_an_item_ignores_every_more_recent_item() -> None:
+    model = make_model(causal_encoder=True)
+    history, mask = make_history([6, 4], n=6, seed=71)
+    changed = history.clone()
+    changed[:, :2] = (changed[:, :2] + 1) % K  # the two most recent items of every row
+    before, after = model.encode(history, mask), model.encode(changed, mask)
+    real = mask[:, 2:]
+    torch.testing.assert_close(after[:, 2:][real], before[:, 2:][real], rtol=0, atol=0)  # older states: same
+    assert not torch.allclose(after[:, :2], before[:, :2])
+    plain = make_model()  # the bidirectional encoder: every state reads the most recent items
+    assert not torch.allclose(plain.encode(changed, mask)[:, 2:][real], plain.encode(history, mask)[:, 2:][real])
+
+
+def every_position_targets(history: torch.Tensor, first: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    from onerec.train.ntp import position_targets
+
+    return position_targets(history, mask, first).clamp_min(0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("node_buckets", [0, NODE_BUCKETS])
+def test_forward_positions_target_0_equals_the_one_target_forward(node_buckets: int) -> None:
+    model = make_model(causal_encoder=True, node_buckets=node_buckets)
+    history, mask = make_history([6, 3, 1], n=6, seed=72)
+    first = make_targets((3,), seed=73)[:, :1]  # (B, 1, L) the item after the most recent
+    every = model.forward_positions(history, mask, every_position_targets(history, first, mask)).logits
+    assert every.shape == (3, 6, L, K)
+    torch.testing.assert_close(every[:, 0], model(history, mask, first).logits[:, 0], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_forward_positions_target_n_reads_only_item_n_and_older() -> None:
+    """Changing the most recent item changes target 0 (its decoder reads that state) and target 1 (the item is
+    its target), and no later target: each decoder block sees encoder states n.. only, and only its own block."""
+    model = make_model(causal_encoder=True, node_buckets=NODE_BUCKETS)
+    history, mask = make_history([6, 5], n=6, seed=74)
+    first = make_targets((2,), seed=75)[:, :1]
+    changed = history.clone()
+    changed[:, 0] = (changed[:, 0] + 1) % K
+    a = model.forward_positions(history, mask, every_position_targets(history, first, mask)).logits
+    b = model.forward_positions(changed, mask, every_position_targets(changed, first, mask)).logits
+    real = mask[:, 2:]
+    torch.testing.assert_close(b[:, 2:][real], a[:, 2:][real], rtol=0, atol=0)
+    assert not torch.allclose(b[:, 0], a[:, 0]) and not torch.allclose(b[:, 1], a[:, 1])
+
+
+def test_forward_positions_refuses_a_bidirectional_encoder() -> None:
+    model = make_model()
+    history, mask = make_history([3], n=3, seed=76)
+    with pytest.raises(ValueError, match="causal_encoder"):
+        model.forward_positions(history, mask, history)

@@ -204,3 +204,34 @@ def test_training_a_node_table_model_moves_the_rows_of_trained_prefixes_only(tin
     # a row outside the trie still gets gradient as a sibling of the true child (all K children are scored),
     # so only those never a child of a trained prefix stay zero: at least the rows past the paths' range
     assert int((norms[unused] == 0).sum()) >= cfg.node_buckets - (cfg.codes + cfg.codes**2 + cfg.codes**3)
+
+
+def test_position_targets_shift_the_history_and_pad_with_minus_one():
+    history = torch.tensor([[[1, 1], [2, 2], [3, 3]], [[4, 4], [0, 0], [0, 0]]])  # (B=2, N=3, L=2) most recent first
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    first = torch.tensor([[[9, 9]], [[8, 8]]])  # (B, m=1, L): the item after the most recent
+    every = ntp.position_targets(history, mask, first)
+    assert every.tolist() == [[[9, 9], [1, 1], [2, 2]], [[8, 8], [-1, -1], [-1, -1]]]
+
+
+def test_longest_per_user_keeps_each_users_whole_sequence():
+    from onerec.data.sessions import longest_per_user
+
+    # user 7: windows with histories [1], [2, 1], [3, 2, 1]; user 5: [4]
+    sessions = Sessions(users=np.array([7, 7, 5, 7]), history=np.array([1, 2, 1, 4, 3, 2, 1]),
+                        history_offsets=np.array([0, 1, 3, 4, 7]), targets=np.array([[2], [3], [6], [4]]))
+    kept = longest_per_user(sessions)
+    assert kept.users.tolist() == [5, 7] and kept.targets.tolist() == [[6], [4]]
+    assert [kept.history_of(i).tolist() for i in range(2)] == [[4], [3, 2, 1]]
+
+
+def test_all_positions_trains_a_causal_model_and_refuses_a_bidirectional_one(tiny_run: Path, tmp_path: Path):
+    catalog, train, val = _data(tiny_run)
+    base = PRESETS["tiny"]
+    preset = dataclasses.replace(base, model=dataclasses.replace(base.model, causal_encoder=True),
+                                 train=dataclasses.replace(base.train, epochs=1, all_positions=True))
+    result = ntp.train(preset, catalog, train, val, tmp_path / "ckpt", tmp_path / "best", progress=False)
+    assert np.isfinite(result.history[0]["train_loss"]) and np.isfinite(result.history[0]["val_loss"])
+    wrong = dataclasses.replace(preset, model=base.model)
+    with pytest.raises(UsageError, match="causal_encoder"):
+        ntp.train(wrong, catalog, train, val, tmp_path / "ckpt2", tmp_path / "best2", progress=False)

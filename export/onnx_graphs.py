@@ -36,6 +36,8 @@ class EncoderGraph(nn.Module):
         out: list[Tensor] = []
         for layer in self.model.decoder:
             out.extend(layer.cross_attn.project_kv(memory))  # (B, H, N, hd) x 2
+        if self.model.cfg.user_skip:
+            out.append(memory[:, 0])  # (B, D) user_state
         return tuple(out)
 
 
@@ -47,7 +49,8 @@ class DecoderGraph(nn.Module):
     Out: logits (B, W, C) float32, then per layer the new self cache key/value (B, W, H, T+1, hd). The beam
     reorder (gather by beam_idx) runs inside the graph, on whatever device runs the graph. A model with a node
     table (`ModelConfig.node_buckets`) also takes past_prefix (B, W0) int64 last and returns present_prefix
-    (B, W) last: each beam's codes so far, reordered and extended like the cache.
+    (B, W) last: each beam's codes so far, reordered and extended like the cache. A user_skip model takes
+    user_state (B, D) after the cross caches (the encoder graph's last output).
     """
 
     def __init__(self, model: OneRecModel) -> None:
@@ -58,10 +61,12 @@ class DecoderGraph(nn.Module):
     def forward(self, input_ids: Tensor, beam_idx: Tensor, candidates: Tensor, mask: Tensor,
                 *caches: Tensor) -> tuple[Tensor, ...]:
         n = self.layers
-        self_kv, cross_kv, rest = caches[: 2 * n], caches[2 * n : 4 * n], caches[4 * n :]
+        self_kv, cross_kv, rest = caches[: 2 * n], caches[2 * n : 4 * n], list(caches[4 * n :])
+        user = rest.pop(0) if self.model.cfg.user_skip else None
+        prefix = rest.pop(0) if carries_prefix(self.model) else None
         logits, present, prefix = self.model.decode_layers(
             input_ids, self_kv[0::2], self_kv[1::2], cross_kv[0::2], cross_kv[1::2], mask, beam_idx, candidates,
-            rest[0] if rest else None,
+            prefix, user,
         )  # (B, W, C), layers x (B, W, H, T+1, hd) x 2, (B, W) or None
         out: list[Tensor] = [logits.float()]
         for k, v in present:
@@ -97,6 +102,7 @@ def example_inputs(model: OneRecModel) -> tuple[tuple[Tensor, ...], tuple[Tensor
     caches = [torch.randn(B, W0, cfg.n_heads, T, cfg.head_dim).to(dtype) for _ in range(2 * layers)]
     crosses = [torch.randn(B, cfg.n_heads, N, cfg.head_dim).to(dtype) for _ in range(2 * layers)]
     prefix = [torch.randint(0, cfg.codes**2, (B, W0))] if carries_prefix(model) else []
+    user = [torch.randn(B, cfg.d_model).to(dtype)] if cfg.user_skip else []
     decoder = (
         torch.randint(0, cfg.codes, (B, W)),
         torch.randint(0, W0, (B, W)),
@@ -104,6 +110,7 @@ def example_inputs(model: OneRecModel) -> tuple[tuple[Tensor, ...], tuple[Tensor
         mask,
         *caches,
         *crosses,
+        *user,
         *prefix,
     )
     return (history, mask), decoder
@@ -119,6 +126,7 @@ def export_graphs(model: OneRecModel, directory: Path, precision: str) -> tuple[
     cross_in = [layout.past_name(i, "encoder", k) for i in range(layers) for k in KINDS]
     self_out = [layout.present_name(i, "decoder", k) for i in range(layers) for k in KINDS]
     prefix_in, prefix_out = ([layout.PAST_PREFIX], [layout.PRESENT_PREFIX]) if carries_prefix(model) else ([], [])
+    user = [layout.USER_STATE] if model.cfg.user_skip else []
     history_axes = {0: "batch", 1: "history"}
     cache_in_axes = {0: "batch", 1: "past_beams", 3: "past_length"}
     cross_axes = {0: "batch", 2: "history"}
@@ -127,14 +135,14 @@ def export_graphs(model: OneRecModel, directory: Path, precision: str) -> tuple[
         warnings.simplefilter("ignore")  # tracer warnings about shape-to-int conversions the tests cover
         torch.onnx.export(
             EncoderGraph(model), enc_in, str(encoder_path), dynamo=False, opset_version=OPSET,
-            input_names=[layout.HISTORY, layout.HISTORY_MASK], output_names=cross_out,
+            input_names=[layout.HISTORY, layout.HISTORY_MASK], output_names=[*cross_out, *user],
             dynamic_axes={layout.HISTORY: history_axes, layout.HISTORY_MASK: history_axes,
-                          **{name: cross_axes for name in cross_out}},
+                          **{name: cross_axes for name in cross_out}, **{name: {0: "batch"} for name in user}},
         )
         torch.onnx.export(
             DecoderGraph(model), dec_in, str(decoder_path), dynamo=False, opset_version=OPSET,
             input_names=[layout.INPUT_IDS, layout.BEAM_IDX, layout.CANDIDATES, layout.ENCODER_MASK,
-                         *self_in, *cross_in, *prefix_in],
+                         *self_in, *cross_in, *user, *prefix_in],
             output_names=[layout.LOGITS, *self_out, *prefix_out],
             dynamic_axes={
                 layout.INPUT_IDS: {0: "batch", 1: "beams"},
@@ -146,6 +154,7 @@ def export_graphs(model: OneRecModel, directory: Path, precision: str) -> tuple[
                 **{name: cross_axes for name in cross_in},
                 **{name: {0: "batch", 1: "beams", 3: "length"} for name in self_out},
                 **{name: {0: "batch", 1: "past_beams"} for name in prefix_in},
+                **{name: {0: "batch"} for name in user},
                 **{name: {0: "batch", 1: "beams"} for name in prefix_out},
             },
         )

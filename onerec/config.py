@@ -80,6 +80,16 @@ class ModelConfig:
     # the encoder state at n summarises the history up to that item and one pass trains every position at once
     # (`TrainConfig.all_positions`, SASRec's regime); serving reads all of them, as before
     causal_encoder: bool = False
+    # True: every level's output state adds the encoder state of the most recent history item (the user vector; of
+    # item n in `forward_positions`), so the levels score as a hierarchical softmax of that vector over the trie and
+    # the decoder adds what each prefix changes. On Beauty the decoder alone overfit (docs/QUALITY.md)
+    user_skip: bool = False
+    # False: the shared per-level heads are fixed at zero, so a code's logit is its trie node's row alone (with
+    # node_buckets): a pure hierarchical softmax, as runs/exp/hsm.py scored it (docs/QUALITY.md)
+    level_heads: bool = True
+    # std of the node rows' initialisation; 0 = zeros (a SID never trained adds nothing to the heads). Without level
+    # heads, zero rows give the states no gradient until the rows move
+    node_init_std: float = 0.0
 
     @property
     def decoder_len(self) -> int:

@@ -47,6 +47,7 @@ class DecodeState(NamedTuple):
     memory_mask: Tensor  # (B, N) bool, True = real history item
     # (B, W) long: each beam's current item's codes so far as one folded base-K number (`node_rows`); 0 at BOS
     prefix: Tensor | None = None
+    user: Tensor | None = None  # (B, D) the most recent item's encoder state, with cfg.user_skip
 
 
 class ModelOutput(NamedTuple):
@@ -67,6 +68,15 @@ def item_rows(sids: Tensor, cfg: ModelConfig) -> Tensor:
     for level in range(1, cfg.levels):
         flat = (flat * cfg.codes + sids[..., level]) % ITEM_PRIME
     return flat * ITEM_HASH % cfg.item_buckets
+
+
+def causal_bias(padding: Tensor, older: Tensor, real_query: Tensor) -> Tensor:
+    """padding (B, 1, 1, N) + older-only (1, 1, Q, N) for the real queries (B, 1, Q, 1) bool only -> (B, 1, Q, N).
+
+    A padded query keeps the padding bias alone: with the causal part too every key of it would be masked, and in
+    fp16 q.k + min overflows to -inf, so its softmax would be NaN (and NaN times a zero weight still reaches the
+    real positions that read it). Clamped at the dtype's min, so two masks never sum to -inf."""
+    return (padding + older * real_query.to(older.dtype)).clamp(min=torch.finfo(older.dtype).min)
 
 
 def node_offsets(cfg: ModelConfig) -> Tensor:
@@ -147,6 +157,9 @@ class OneRecModel(nn.Module):
         self.node_table = nn.Embedding(cfg.node_buckets, D) if cfg.node_buckets > 0 else None
         self.node_bias = nn.Parameter(torch.zeros(cfg.node_buckets)) if cfg.node_buckets > 0 else None
         self.register_buffer("node_offsets", node_offsets(cfg), persistent=False)  # (L,)
+        # user_skip: state = user vector + gate * decoder state, the gate from 0 (ReZero): the model starts as a
+        # hierarchical softmax of the user vector and lets the prefix-conditioned decoder in as far as it helps
+        self.decoder_gate = nn.Parameter(torch.zeros(())) if cfg.user_skip else None
         self.drop = nn.Dropout(cfg.dropout)
         self.register_buffer("level_offsets", torch.arange(L) * K, persistent=False)  # (L,)
         self.reset_parameters()
@@ -169,9 +182,14 @@ class OneRecModel(nn.Module):
             elif isinstance(module, LevelHeads):
                 nn.init.normal_(module.weight, std=INIT_STD)
                 nn.init.zeros_(module.bias)
-        for table in (self.item_table, self.node_table):  # zero: an item never trained on adds nothing
-            if table is not None:
-                nn.init.zeros_(table.weight)
+        if self.item_table is not None:  # zero: an item never trained on adds nothing
+            nn.init.zeros_(self.item_table.weight)
+        if self.node_table is not None:
+            nn.init.normal_(self.node_table.weight, std=self.cfg.node_init_std)  # std 0: zeros
+        if not self.cfg.level_heads:  # fixed at zero: the node rows alone score the codes
+            nn.init.zeros_(self.heads.weight)
+            nn.init.zeros_(self.heads.bias)
+            self.heads.requires_grad_(False)
 
     # ---- encoder -------------------------------------------------------------------------------------
 
@@ -185,7 +203,7 @@ class OneRecModel(nn.Module):
         x = self.drop(x)
         bias = padding_bias(mask, x.dtype)  # (B, 1, 1, N)
         if self.cfg.causal_encoder:  # (B, 1, N, N): item n reads itself and older items only
-            bias = (bias + older_only_bias(history.shape[1], x.dtype, x.device)).clamp(min=torch.finfo(x.dtype).min)
+            bias = causal_bias(bias, older_only_bias(history.shape[1], x.dtype, x.device), mask[:, None, :, None])
         for layer in self.encoder:
             x = layer(x, bias)
         return self.enc_norm(x)
@@ -213,6 +231,8 @@ class OneRecModel(nn.Module):
             x, layer_aux = layer(x, mem_k, mem_v, bias)
             aux = aux + layer_aux
         h = self.dec_norm(x).unflatten(1, (m, L + 1))[:, :, :L]  # (B, m, L, D): the predicting positions
+        if self.decoder_gate is not None:
+            h = memory[:, :1, None, :] + self.decoder_gate * h  # the user vector: the most recent item's state
         return ModelOutput(self.output_logits(h, targets), aux)
 
     def forward_positions(self, history: Tensor, mask: Tensor, targets: Tensor) -> ModelOutput:
@@ -229,13 +249,16 @@ class OneRecModel(nn.Module):
         x = self.drop(self.token_emb(tokens) + self.dec_pos(positions))  # (B, N*(L+1), D)
         self_bias = group_causal_bias(N, L + 1, x.dtype, x.device)  # (1, 1, N*(L+1), N*(L+1))
         older = older_only_bias(N, x.dtype, x.device).repeat_interleave(L + 1, dim=2)  # (1, 1, N*(L+1), N)
-        cross_bias = (padding_bias(mask, x.dtype) + older).clamp(min=torch.finfo(x.dtype).min)  # (B, 1, N(L+1), N)
+        real = mask.repeat_interleave(L + 1, dim=1)[:, None, :, None]  # (B, 1, N*(L+1), 1) a real target's block
+        cross_bias = causal_bias(padding_bias(mask, x.dtype), older, real)  # (B, 1, N*(L+1), N)
         aux = x.new_zeros(())
         for layer in self.decoder:
             mem_k, mem_v = layer.cross_attn.project_kv(memory)
             x, layer_aux = layer(x, mem_k, mem_v, cross_bias, self_bias)
             aux = aux + layer_aux
         h = self.dec_norm(x).unflatten(1, (N, L + 1))[:, :, :L]  # (B, N, L, D)
+        if self.decoder_gate is not None:
+            h = memory[:, :, None, :] + self.decoder_gate * h  # target n's user vector: the state of item n
         return ModelOutput(self.output_logits(h, targets), aux)
 
     def output_logits(self, h: Tensor, targets: Tensor) -> Tensor:
@@ -276,6 +299,7 @@ class OneRecModel(nn.Module):
             cross_v=torch.stack([v for _, v in kv]),
             memory_mask=mask,
             prefix=torch.zeros((B, beams), dtype=torch.long, device=memory.device),
+            user=memory[:, 0] if self.cfg.user_skip else None,
         )
 
     def step_token_ids(self, tokens: Tensor, position: Tensor) -> Tensor:
@@ -302,11 +326,11 @@ class OneRecModel(nn.Module):
         """
         logits, present, prefix = self.decode_layers(
             tokens, state.self_k.unbind(0), state.self_v.unbind(0), state.cross_k.unbind(0),
-            state.cross_v.unbind(0), state.memory_mask, beam_idx, candidates, state.prefix,
+            state.cross_v.unbind(0), state.memory_mask, beam_idx, candidates, state.prefix, state.user,
         )
         new_state = DecodeState(
             torch.stack([k for k, _ in present]), torch.stack([v for _, v in present]),
-            state.cross_k, state.cross_v, state.memory_mask, prefix,
+            state.cross_k, state.cross_v, state.memory_mask, prefix, state.user,
         )
         return logits, new_state
 
@@ -321,11 +345,12 @@ class OneRecModel(nn.Module):
         beam_idx: Tensor | None = None,
         candidates: Tensor | None = None,
         prefix: Tensor | None = None,
+        user: Tensor | None = None,
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]], Tensor | None]:
         """`decode_step` on per-layer caches: self_k/self_v layers x (B, W0, H, T, hd), cross_k/cross_v
         layers x (B, H, N, hd), prefix (B, W0) long or None. Returns the logits, layers x (k, v)
         (B, W, H, T+1, hd) and the beams' new prefixes (B, W) (None when none came in; a model with a node
-        table needs them). This is exactly the exported decoder graph: per-layer tensors in and out, so no
+        table needs them). `user` (B, D): the user vector a cfg.user_skip model adds to every level's state. This is exactly the exported decoder graph: per-layer tensors in and out, so no
         step copies a stacked cache.
 
         No Python branching on data: the position comes from the cache's shape and the head and input-token
@@ -347,6 +372,10 @@ class OneRecModel(nn.Module):
             prefix = self.step_prefix(prefix, tokens, position, beam_idx)  # (B, W)
         head = (position % (self.cfg.levels + 1)).clamp(max=self.cfg.levels - 1)  # (1,)
         h = self.dec_norm(x)  # (B, W, D)
+        if self.cfg.user_skip:
+            if user is None:
+                raise ValueError("a user_skip model decodes with the user vector (DecodeState.user)")
+            h = user[:, None, :] + self.decoder_gate * h
         if candidates is None:
             logits = self.heads.select(h, head)  # (B, W, K)
             codes = torch.arange(self.cfg.codes, device=tokens.device)  # (K,)

@@ -68,6 +68,8 @@ class OnnxModel:
         # (output name, the input name it feeds next) for the encoder-side and the self-attention caches
         self.cross_names = [(layout.present_name(i, "encoder", k), layout.past_name(i, "encoder", k))
                             for i in layers for k in KINDS]
+        if cfg.user_skip:  # the user vector: computed by the encoder once per request, read by every step
+            self.cross_names.append((layout.USER_STATE, layout.USER_STATE))
         self.self_names = [(layout.present_name(i, "decoder", k), layout.past_name(i, "decoder", k))
                            for i in layers for k in KINDS]
         if cfg.node_buckets > 0:  # the beams' prefixes travel beside the self cache (DecoderGraph)

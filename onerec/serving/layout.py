@@ -35,6 +35,8 @@ LOGITS = "logits"  # (B, W, C) float32
 # only with ModelConfig.node_buckets > 0: each beam's codes so far as one folded number (onerec.model.onerec)
 PAST_PREFIX = "past_prefix"  # (B, W0) int64
 PRESENT_PREFIX = "present_prefix"  # (B, W) int64
+# only with ModelConfig.user_skip: the most recent item's encoder state, an encoder output and a decoder input
+USER_STATE = "user_state"  # (B, D)
 
 
 def past_name(layer: int, side: str, kind: str) -> str:

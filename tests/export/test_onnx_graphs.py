@@ -160,19 +160,25 @@ def test_encoder_with_an_item_table_exports_and_equals_torch(tmp_path):
 
 @torch.no_grad()
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_decoder_with_a_node_table_carries_the_beams_prefixes_and_equals_torch(tmp_path, precision):
+@pytest.mark.parametrize("user_skip", [False, True])
+def test_decoder_with_a_node_table_carries_the_beams_prefixes_and_equals_torch(tmp_path, precision, user_skip):
     """past_prefix / present_prefix are graph I/O; the steps (reorders, shared and per-beam candidates) equal
-    torch's decode_step, whose node rows follow each beam's codes."""
+    torch's decode_step, whose node rows follow each beam's codes. With user_skip the encoder graph also returns
+    user_state, which every decoder step reads."""
     from export.verify import logit_gap
 
-    cfg = dataclasses.replace(CFG, node_buckets=1024)
+    cfg = dataclasses.replace(CFG, node_buckets=1024, user_skip=user_skip, causal_encoder=user_skip)
     torch.manual_seed(5)
     model = OneRecModel(cfg).eval()
     torch.nn.init.normal_(model.node_table.weight)  # trained-like rows: the lookup must pick the right ones
     torch.nn.init.normal_(model.node_bias)
+    if user_skip:
+        torch.nn.init.constant_(model.decoder_gate, 0.5)
     export_graphs(model, tmp_path, precision)
     decoder = onnx.load(str(tmp_path / "decoder.onnx")).graph
     assert decoder.input[-1].name == "past_prefix" and decoder.output[-1].name == "present_prefix"
+    encoder = onnx.load(str(tmp_path / "encoder.onnx")).graph
+    assert (encoder.output[-1].name == "user_state") == user_skip == ("user_state" in [i.name for i in decoder.input])
     onnx_model = OnnxModel(tmp_path, cfg, precision, device="cpu")
     history, mask = histories(6)
     rows = [history[b, : int(mask[b].sum())].numpy() for b in range(len(history))]

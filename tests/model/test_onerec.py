@@ -38,10 +38,12 @@ def make_model(seed: int = 0, **overrides: object) -> OneRecModel:
     """A tiny model; with node_buckets the node table gets trained-like (non-zero) rows, so it matters."""
     torch.manual_seed(seed)
     model = OneRecModel(dataclasses.replace(CFG, **overrides)).eval()
-    if model.node_table is not None:
-        with torch.no_grad():
+    with torch.no_grad():
+        if model.node_table is not None:
             model.node_table.weight.normal_()
             model.node_bias.normal_()
+        if model.decoder_gate is not None:
+            model.decoder_gate.fill_(0.5)  # trained-like: both the user vector and the decoder count
     return model
 
 
@@ -95,10 +97,12 @@ def test_kv_cached_decoding_equals_full_forward_with_padded_histories() -> None:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("node_buckets", [0, NODE_BUCKETS])
-def test_kv_cached_beams_with_reordering_equal_full_forward(node_buckets: int) -> None:
-    """With a node table the beams' prefixes must follow the reorders too (DecodeState.prefix)."""
-    model = make_model(node_buckets=node_buckets)
+@pytest.mark.parametrize("extra", [{}, {"node_buckets": NODE_BUCKETS},
+                                   {"node_buckets": NODE_BUCKETS, "user_skip": True, "causal_encoder": True}])
+def test_kv_cached_beams_with_reordering_equal_full_forward(extra: dict) -> None:
+    """With a node table the beams' prefixes must follow the reorders too (DecodeState.prefix); with user_skip
+    every step adds the user vector (DecodeState.user)."""
+    model = make_model(**extra)
     history, mask = make_history([6, 3], n=6, seed=2)
     B, W = 2, 3
     # Beams reorder before positions 6 and 13 (mid-item), with repeated and dropped parents.
@@ -197,12 +201,12 @@ def test_traced_decode_step_generalises_across_positions_and_shapes() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.trace deprecation notices
         warnings.simplefilter("error", torch.jit.TracerWarning)  # a frozen Python value is a failure
-        example = (torch.zeros(2, 3, dtype=torch.long), *state_at(2, 5, 3, 1, 0), torch.zeros(2, 3).long())
+        example = (torch.zeros(2, 3, dtype=torch.long), *state_at(2, 5, 3, 1, 0)[:6], torch.zeros(2, 3).long())
         traced = torch.jit.trace(Step(), example)
     for B, N, W, T in [(1, 4, 5, 0), (3, 9, 2, 6), (2, 7, 4, CFG.decoder_len - 1)]:
         state = state_at(B, N, W, T, seed=T)
         tokens, beam_idx = torch.randint(0, K, (B, W)), torch.randint(0, W, (B, W))
-        logits, self_k, _ = traced(tokens, *state, beam_idx)
+        logits, self_k, _ = traced(tokens, *state[:6], beam_idx)
         eager_logits, eager_state = model.decode_step(tokens, state, beam_idx)
         torch.testing.assert_close(logits, eager_logits, atol=1e-6, rtol=0)
         torch.testing.assert_close(self_k, eager_state.self_k, atol=1e-6, rtol=0)
@@ -427,9 +431,9 @@ def every_position_targets(history: torch.Tensor, first: torch.Tensor, mask: tor
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("node_buckets", [0, NODE_BUCKETS])
-def test_forward_positions_target_0_equals_the_one_target_forward(node_buckets: int) -> None:
-    model = make_model(causal_encoder=True, node_buckets=node_buckets)
+@pytest.mark.parametrize("extra", [{}, {"node_buckets": NODE_BUCKETS}, {"node_buckets": NODE_BUCKETS, "user_skip": True}])
+def test_forward_positions_target_0_equals_the_one_target_forward(extra: dict) -> None:
+    model = make_model(causal_encoder=True, **extra)
     history, mask = make_history([6, 3, 1], n=6, seed=72)
     first = make_targets((3,), seed=73)[:, :1]  # (B, 1, L) the item after the most recent
     every = model.forward_positions(history, mask, every_position_targets(history, first, mask)).logits
@@ -458,3 +462,35 @@ def test_forward_positions_refuses_a_bidirectional_encoder() -> None:
     history, mask = make_history([3], n=3, seed=76)
     with pytest.raises(ValueError, match="causal_encoder"):
         model.forward_positions(history, mask, history)
+
+
+@torch.no_grad()
+def test_user_skip_adds_the_most_recent_items_state_to_every_levels_state() -> None:
+    """Hand-built: with the decoder's output zeroed (its last LayerNorm at weight 0, bias 0) and no node table, the
+    logits are exactly the level heads applied to memory[:, 0], the user vector, at every level; without
+    user_skip they are the heads' biases only."""
+    model = make_model(user_skip=True)
+    model.dec_norm.weight.zero_()
+    history, mask = make_history([5, 2], n=5, seed=81)
+    targets = make_targets((2,), seed=82)[:, :1]
+    logits = model(history, mask, targets).logits  # (B, 1, L, K)
+    user = model.encode(history, mask)[:, 0]  # (B, D)
+    want = torch.einsum("bd,lkd->blk", user, model.heads.weight) + model.heads.bias
+    torch.testing.assert_close(logits[:, 0], want, atol=1e-5, rtol=0)
+    state = model.init_state(model.encode(history, mask), mask, beams=3)
+    torch.testing.assert_close(state.user, user)
+    with pytest.raises(ValueError, match="user vector"):
+        model.decode_step(torch.zeros(2, 3, dtype=torch.long), state._replace(user=None))
+
+
+def test_without_level_heads_the_node_rows_alone_score_and_the_heads_never_train() -> None:
+    model = make_model(node_buckets=NODE_BUCKETS, level_heads=False).train()
+    assert not model.heads.weight.requires_grad and float(model.heads.weight.abs().sum()) == 0.0
+    history, mask = make_history([4, 2], n=4, seed=91)
+    targets = make_targets((2,), seed=92)[:, :1]
+    out = model(history, mask, targets)
+    F.cross_entropy(out.logits.flatten(0, 2), targets.flatten()).backward()
+    assert model.heads.weight.grad is None and model.node_table.weight.grad is not None
+    torch.manual_seed(0)
+    fresh = OneRecModel(dataclasses.replace(CFG, node_buckets=NODE_BUCKETS, node_init_std=0.125))
+    assert 0.1 < float(fresh.node_table.weight.detach().std()) < 0.15  # node_init_std: random rows instead of zeros

@@ -71,10 +71,12 @@ def test_ranked_next_items_equal_torch_reference(exported_repo: Path, tiny_run: 
         assert not np.isin(items, exclude[b]).any()
 
 
-def test_a_model_with_a_node_table_serves_exactly_the_torch_reference(tiny_run: Path, users,
+@pytest.mark.parametrize("user_skip", [False, True])
+def test_a_model_with_a_node_table_serves_exactly_the_torch_reference(tiny_run: Path, users, user_skip: bool,
                                                                     tmp_path_factory: pytest.TempPathFactory):
     """ModelConfig.node_buckets > 0: the decoder graph carries every beam's prefix (past_prefix/present_prefix),
-    and trie-constrained beam search over it returns exactly torch's sessions and scores."""
+    and trie-constrained beam search over it returns exactly torch's sessions and scores; also with the causal
+    encoder and the user vector (user_skip), an encoder output every decoder step reads."""
     import dataclasses
 
     from onerec.model.onerec import OneRecModel, save_model
@@ -82,11 +84,14 @@ def test_a_model_with_a_node_table_serves_exactly_the_torch_reference(tiny_run: 
     run = tmp_path_factory.mktemp("nodes") / "run"
     shutil.copytree(tiny_run, run)
     trained = load_model(tiny_run / "model")
-    model = OneRecModel(dataclasses.replace(trained.cfg, node_buckets=1024)).eval()
+    model = OneRecModel(dataclasses.replace(trained.cfg, node_buckets=1024, user_skip=user_skip,
+                                            causal_encoder=user_skip)).eval()
     model.load_state_dict(trained.state_dict(), strict=False)
     with torch.no_grad():  # trained-like node rows, so the answer depends on them
         torch.nn.init.normal_(model.node_table.weight, std=0.3)
         torch.nn.init.normal_(model.node_bias, std=0.3)
+        if user_skip:
+            torch.nn.init.constant_(model.decoder_gate, 0.5)
     save_model(model, run / "model")
     repo = tmp_path_factory.mktemp("nodes_repo")
     code, _, err = run_cli("export", "--run", run, "--out", repo, "--precision", "fp32", "--session-len", "1")

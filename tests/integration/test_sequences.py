@@ -64,7 +64,9 @@ def test_the_preset_is_chosen_from_the_data_and_recorded(tmp_path: Path):
     for stage in ("prepare", "tokenize", "train"):
         assert json.loads((run / f"{stage}.json").read_text())["preset"] == "small-seq", stage
     trained = json.loads((run / "train.json").read_text())
-    assert trained["train"]["batch_size"] == 256 and trained["train"]["select"] == "ndcg@10"
+    assert trained["train"]["batch_size"] == 128 and trained["train"]["select"] == "ndcg@10"
+    assert trained["train"]["all_positions"]  # small-seq: every position of each user's sequence a target
+    assert json.loads((run / "tokenize.json").read_text())["tokenizer"]["cooccurrence_window"] == 3
     assert "val_ndcg@10" in trained["history"][0]
     code, out, err = run_cli("tokenize", "--run", run, "--preset", "tiny")
     assert code == 0, err

@@ -350,7 +350,8 @@ class OneRecModel(nn.Module):
         """`decode_step` on per-layer caches: self_k/self_v layers x (B, W0, H, T, hd), cross_k/cross_v
         layers x (B, H, N, hd), prefix (B, W0) long or None. Returns the logits, layers x (k, v)
         (B, W, H, T+1, hd) and the beams' new prefixes (B, W) (None when none came in; a model with a node
-        table needs them). `user` (B, D): the user vector a cfg.user_skip model adds to every level's state. This is exactly the exported decoder graph: per-layer tensors in and out, so no
+        table needs them). `user` (B, D): the user vector a cfg.user_skip model adds to every level's state.
+        This is exactly the exported decoder graph: per-layer tensors in and out, so no
         step copies a stacked cache.
 
         No Python branching on data: the position comes from the cache's shape and the head and input-token

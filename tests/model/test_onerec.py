@@ -431,7 +431,8 @@ def every_position_targets(history: torch.Tensor, first: torch.Tensor, mask: tor
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("extra", [{}, {"node_buckets": NODE_BUCKETS}, {"node_buckets": NODE_BUCKETS, "user_skip": True}])
+@pytest.mark.parametrize("extra", [{}, {"node_buckets": NODE_BUCKETS},
+                                   {"node_buckets": NODE_BUCKETS, "user_skip": True}])
 def test_forward_positions_target_0_equals_the_one_target_forward(extra: dict) -> None:
     model = make_model(causal_encoder=True, **extra)
     history, mask = make_history([6, 3, 1], n=6, seed=72)

@@ -17,14 +17,20 @@ def padding_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
     while a (forbidden) all-padded row still yields finite numbers instead of NaN. A float bias, built in
     the model's dtype, exports to ONNX as a plain Add (a bool mask would bring in float32 constants).
     """
-    return ((~mask).to(dtype) * torch.finfo(dtype).min)[:, None, None, :]
+    return blocked(mask, dtype)[:, None, None, :]
+
+
+def blocked(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive attention bias of a bool `allowed` (any shape): 0 where allowed, the dtype's most negative finite
+    value elsewhere."""
+    return (~allowed).to(dtype) * torch.finfo(dtype).min
 
 
 def older_only_bias(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """(1, 1, n, n) additive bias of a causal encoder over a most-recent-first history: query i sees keys j >= i
     (itself and older items). Built from arange, so one traced graph serves every length."""
     idx = torch.arange(n, device=device)
-    return ((idx[None, :] < idx[:, None]).to(dtype) * torch.finfo(dtype).min)[None, None]
+    return blocked(idx[None, :] >= idx[:, None], dtype)[None, None]
 
 
 def group_causal_bias(groups: int, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -32,7 +38,7 @@ def group_causal_bias(groups: int, size: int, dtype: torch.dtype, device: torch.
     decoder of every target at once, each block one target's [BOS, codes])."""
     p = torch.arange(groups * size, device=device)
     allowed = (p[None, :] // size == p[:, None] // size) & (p[None, :] <= p[:, None])
-    return ((~allowed).to(dtype) * torch.finfo(dtype).min)[None, None]
+    return blocked(allowed, dtype)[None, None]
 
 
 def split_heads(x: Tensor, n_heads: int) -> Tensor:

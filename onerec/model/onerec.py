@@ -45,7 +45,8 @@ class DecodeState(NamedTuple):
     cross_k: Tensor  # (layers, B, H, N, hd) once per request from memory, shared by all W beams
     cross_v: Tensor  # (layers, B, H, N, hd)
     memory_mask: Tensor  # (B, N) bool, True = real history item
-    # (B, W) long: each beam's current item's codes so far as one folded base-K number (`node_rows`); 0 at BOS
+    # (B, W) long: each beam's current item's codes so far as one folded base-K number (`node_rows`); 0 at BOS.
+    # Only a model with a node table carries it (None otherwise: nothing per step)
     prefix: Tensor | None = None
     user: Tensor | None = None  # (B, D) the most recent item's encoder state, with cfg.user_skip
 
@@ -66,7 +67,7 @@ def item_rows(sids: Tensor, cfg: ModelConfig) -> Tensor:
     into [0, item_buckets). Integer arithmetic only, so it exports to ONNX as Mul/Add/Mod."""
     flat = sids[..., 0]
     for level in range(1, cfg.levels):
-        flat = (flat * cfg.codes + sids[..., level]) % ITEM_PRIME
+        flat = extend_prefix(flat, sids[..., level], cfg)
     return flat * ITEM_HASH % cfg.item_buckets
 
 
@@ -89,8 +90,8 @@ def node_offsets(cfg: ModelConfig) -> Tensor:
 
 
 def extend_prefix(prefix: Tensor, codes: Tensor, cfg: ModelConfig) -> Tensor:
-    """prefix (*) folded base-K number of codes c_0..c_{l-1}, codes (*) c_l -> the number of c_0..c_l (folded
-    as `item_rows` folds, so at the last level it is the item's flat SID)."""
+    """prefix (*) folded base-K number of codes c_0..c_{l-1}, codes (*) c_l -> the number of c_0..c_l (the fold
+    `item_rows` uses too, so at the last level it is the item's flat SID)."""
     return (prefix * cfg.codes + codes) % ITEM_PRIME
 
 
@@ -224,16 +225,28 @@ class OneRecModel(nn.Module):
         tokens = self.decoder_inputs(targets)  # (B, T)
         positions = torch.arange(tokens.shape[1], device=tokens.device)  # (T,)
         x = self.drop(self.token_emb(tokens) + self.dec_pos(positions))  # (B, T, D)
-        bias = padding_bias(mask, x.dtype)  # (B, 1, 1, N)
+        x, aux = self.teacher_decode(x, memory, padding_bias(mask, x.dtype))
+        h = self.dec_norm(x).unflatten(1, (m, L + 1))[:, :, :L]  # (B, m, L, D): the predicting positions
+        h = self.with_user(h, memory[:, :1, None, :])  # the user vector: the most recent item's state
+        return ModelOutput(self.output_logits(h, targets), aux)
+
+    def teacher_decode(self, x: Tensor, memory: Tensor, cross_bias: Tensor,
+                       self_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The decoder layers over teacher-forced inputs x (B, T, D) reading memory (B, N, D) -> x, summed MoE aux."""
         aux = x.new_zeros(())
         for layer in self.decoder:
             mem_k, mem_v = layer.cross_attn.project_kv(memory)  # (B, H, N, hd)
-            x, layer_aux = layer(x, mem_k, mem_v, bias)
+            x, layer_aux = layer(x, mem_k, mem_v, cross_bias, self_bias)
             aux = aux + layer_aux
-        h = self.dec_norm(x).unflatten(1, (m, L + 1))[:, :, :L]  # (B, m, L, D): the predicting positions
-        if self.decoder_gate is not None:
-            h = memory[:, :1, None, :] + self.decoder_gate * h  # the user vector: the most recent item's state
-        return ModelOutput(self.output_logits(h, targets), aux)
+        return x, aux
+
+    def with_user(self, h: Tensor, user: Tensor | None) -> Tensor:
+        """cfg.user_skip: the user vector (broadcast to h) plus the gated decoder state h; else h unchanged."""
+        if self.decoder_gate is None:
+            return h
+        if user is None:
+            raise ValueError("a user_skip model decodes with the user vector (DecodeState.user)")
+        return user + self.decoder_gate * h
 
     def forward_positions(self, history: Tensor, mask: Tensor, targets: Tensor) -> ModelOutput:
         """Every position at once (`TrainConfig.all_positions`, needs cfg.causal_encoder): history (B, N, L),
@@ -251,14 +264,9 @@ class OneRecModel(nn.Module):
         older = older_only_bias(N, x.dtype, x.device).repeat_interleave(L + 1, dim=2)  # (1, 1, N*(L+1), N)
         real = mask.repeat_interleave(L + 1, dim=1)[:, None, :, None]  # (B, 1, N*(L+1), 1) a real target's block
         cross_bias = causal_bias(padding_bias(mask, x.dtype), older, real)  # (B, 1, N*(L+1), N)
-        aux = x.new_zeros(())
-        for layer in self.decoder:
-            mem_k, mem_v = layer.cross_attn.project_kv(memory)
-            x, layer_aux = layer(x, mem_k, mem_v, cross_bias, self_bias)
-            aux = aux + layer_aux
+        x, aux = self.teacher_decode(x, memory, cross_bias, self_bias)
         h = self.dec_norm(x).unflatten(1, (N, L + 1))[:, :, :L]  # (B, N, L, D)
-        if self.decoder_gate is not None:
-            h = memory[:, :, None, :] + self.decoder_gate * h  # target n's user vector: the state of item n
+        h = self.with_user(h, memory[:, :, None, :])  # target n's user vector: the state of item n
         return ModelOutput(self.output_logits(h, targets), aux)
 
     def output_logits(self, h: Tensor, targets: Tensor) -> Tensor:
@@ -298,7 +306,8 @@ class OneRecModel(nn.Module):
             cross_k=torch.stack([k for k, _ in kv]),
             cross_v=torch.stack([v for _, v in kv]),
             memory_mask=mask,
-            prefix=torch.zeros((B, beams), dtype=torch.long, device=memory.device),
+            prefix=torch.zeros((B, beams), dtype=torch.long, device=memory.device) if self.node_table is not None
+            else None,
             user=memory[:, 0] if self.cfg.user_skip else None,
         )
 
@@ -372,11 +381,7 @@ class OneRecModel(nn.Module):
         if prefix is not None:
             prefix = self.step_prefix(prefix, tokens, position, beam_idx)  # (B, W)
         head = (position % (self.cfg.levels + 1)).clamp(max=self.cfg.levels - 1)  # (1,)
-        h = self.dec_norm(x)  # (B, W, D)
-        if self.cfg.user_skip:
-            if user is None:
-                raise ValueError("a user_skip model decodes with the user vector (DecodeState.user)")
-            h = user[:, None, :] + self.decoder_gate * h
+        h = self.with_user(self.dec_norm(x), None if user is None else user[:, None, :])  # (B, W, D)
         if candidates is None:
             logits = self.heads.select(h, head)  # (B, W, K)
             codes = torch.arange(self.cfg.codes, device=tokens.device)  # (K,)

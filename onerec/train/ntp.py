@@ -28,7 +28,7 @@ from onerec.config import BeamConfig, ModelConfig, Preset, TrainConfig, save_jso
 from onerec.data.sid import SidSessions
 from onerec.device import resolve_device
 from onerec.errors import UsageError
-from onerec.model.onerec import OneRecModel, load_model, save_model
+from onerec.model.onerec import ModelOutput, OneRecModel, load_model, save_model
 from onerec.tokenizer.catalog import Catalog
 from onerec.train.distributed import Cluster, RoutingTap, global_loss, shard
 
@@ -95,7 +95,13 @@ def session_loss(model: OneRecModel, history, mask, targets,
     """Mean next-token cross-entropy over the m*L code positions (padding, code -1, skipped), and the MoE
     auxiliary loss. Padding only ends a target, so the inputs fed in its place (code 0) reach only positions
     that are skipped too (the decoder is causal). With `valid`, each softmax is over the valid codes only."""
-    out = model(history, mask, targets.clamp_min(0))  # logits (B, m, L, K)
+    return code_loss(model(history, mask, targets.clamp_min(0)), targets, valid)  # logits (B, m, L, K)
+
+
+def code_loss(out: ModelOutput, targets: torch.Tensor,
+              valid: ValidCodes | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of logits (B, m, L, K) against targets (B, m, L) (-1 skipped; with `valid` over the valid
+    codes only), and the MoE auxiliary loss."""
     logits = out.logits if valid is None else valid.constrain(out.logits, targets)
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
     return ce, out.aux_loss
@@ -114,10 +120,7 @@ def positions_loss(model: OneRecModel, history, mask, targets,
     """`session_loss` of every history position at once (`OneRecModel.forward_positions`): the mean cross-entropy
     over the real positions' L codes, and the MoE auxiliary loss."""
     every = position_targets(history, mask, targets)  # (B, N, L)
-    out = model.forward_positions(history, mask, every.clamp_min(0))  # logits (B, N, L, K)
-    logits = out.logits if valid is None else valid.constrain(out.logits, every)
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), every.reshape(-1), ignore_index=-1)
-    return ce, out.aux_loss
+    return code_loss(model.forward_positions(history, mask, every.clamp_min(0)), every, valid)  # (B, N, L, K)
 
 
 @torch.no_grad()

@@ -17,6 +17,8 @@ from onerec.runs import RunDir
 
 app = typer.Typer()
 log = logging.getLogger("onerec")
+# uvicorn's httptools protocol with a draining shutdown (service/draining.py): a rolling restart drops no request
+DRAINING_HTTP = "service.draining:DrainingHttpToolsProtocol"
 
 
 @app.command("export")
@@ -243,7 +245,7 @@ def serve(
              settings.triton_url, settings.redis_url)
     try:
         uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers,
-                    log_level=log_level, timeout_graceful_shutdown=10)
+                    log_level=log_level, timeout_graceful_shutdown=10, http=DRAINING_HTTP)
     finally:
         if made_metrics_dir:  # the workers' metric files die with them
             import shutil

@@ -180,36 +180,13 @@ def generated(model: Any, catalog: Any, sessions: Sessions, beam: Any, limit: in
     return rows, leaves, histories
 
 
-def served(catalog: Any, leaves: np.ndarray, history: np.ndarray, k: int) -> list[int]:
-    """The gateway's mapping (`onerec.recommend.sessions_to_videos`): each generated leaf's first unseen video."""
+def served(catalog: Any, leaves: np.ndarray, history: np.ndarray, k: int, share: float = 0.0) -> list[int]:
+    """The gateway's mapping (`onerec.recommend.sessions_to_videos`): each generated leaf's first unseen video; with
+    `share` > 0 TIGER's prefix match as the gateway serves it (ONEREC_NEW_ITEM_SHARE): after each leaf's video the
+    catalog's new items (popularity 0) whose first L-1 codes equal the leaf's, at most ceil(share * k) of them."""
     from onerec.recommend import sessions_to_videos
 
-    return sessions_to_videos(catalog, leaves.reshape(-1, 1), exclude=history.tolist(), k=k).video_ids
-
-
-def prefix_match(catalog: Any, leaves: np.ndarray, history: np.ndarray, k: int, new_by_prefix: dict,
-                 share: float) -> list[int]:
-    """TIGER's cold-start retrieval on top of the served mapping: after each generated leaf's video, the new items
-    whose first L-1 codes equal the leaf's follow it, at most ceil(share * k) of them in the k; then backfill."""
-    banned = set(history.tolist())
-    quota = int(np.ceil(share * k))
-    chosen: list[int] = []
-    for leaf in leaves[leaves >= 0].tolist():
-        if len(chosen) == k:
-            break
-        video = next((int(v) for v in catalog.videos_of_leaf(leaf) if int(v) not in banned), None)
-        if video is not None:
-            chosen.append(video)
-            banned.add(video)
-        for extra in new_by_prefix.get(tuple(catalog.unique_sids[leaf][:-1].tolist()), ()):
-            if len(chosen) == k or quota == 0:
-                break
-            if extra not in banned:
-                chosen.append(extra)
-                banned.add(extra)
-                quota -= 1
-    chosen += [int(v) for v in catalog.most_popular(k - len(chosen), exclude=banned)] if len(chosen) < k else []
-    return chosen
+    return sessions_to_videos(catalog, leaves.reshape(-1, 1), exclude=history.tolist(), k=k, new_share=share).video_ids
 
 
 def cold_metrics(rows: list[int], lists5: list[list[int]], lists10: list[list[int]], sessions: Sessions,
@@ -254,16 +231,12 @@ def score(run_model: RunDir, catalog_dir: Path, test: Sessions, items: np.ndarra
     start = time.perf_counter()
     history_catalog = Catalog.load(history_catalog_dir) if history_catalog_dir is not None else None
     rows, leaves, histories = generated(model, catalog, test, beam, args.limit, args.progress, history_catalog)
-    new_by_prefix: dict[tuple[int, ...], list[int]] = {}
-    for video, sid in zip(items.tolist(), catalog.sids_of(items).tolist(), strict=True):
-        if sid[0] >= 0:
-            new_by_prefix.setdefault(tuple(sid[:-1]), []).append(video)
     out = {"catalog": catalog.content_hash, "catalog_items": catalog.num_items}
     lists10 = [served(catalog, lv, h, 10) for lv, h in zip(leaves, histories, strict=True)]
     out["served"] = cold_metrics(rows, [lst[:5] for lst in lists10], lists10, test, items)
     for share in args.prefix_share:
-        lists = {k: [prefix_match(catalog, lv, h, k, new_by_prefix, share) for lv, h in
-                     zip(leaves, histories, strict=True)] for k in (5, 10)}
+        lists = {k: [served(catalog, lv, h, k, share) for lv, h in zip(leaves, histories, strict=True)]
+                 for k in (5, 10)}
         out[f"prefix match {share:g}"] = cold_metrics(rows, lists[5], lists[10], test, items)
     return {**out, "seconds": round(time.perf_counter() - start, 1)}
 

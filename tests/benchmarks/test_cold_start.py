@@ -35,10 +35,9 @@ def test_prefix_match_puts_new_items_after_the_generated_sid_that_shares_their_p
     catalog = Catalog.build(np.array([10, 11, 12, 20, 21, 30]),
                             np.array([[0, 0, 0], [1, 0, 0], [1, 1, 1], [0, 0, 1], [0, 0, 2], [1, 1, 0]]),
                             np.array([5, 4, 3, 0, 0, 0]), 4)
-    new = {(0, 0): [20, 21], (1, 1): [30]}
     leaves = catalog.leaves_of([10, 12])  # beam search generated 10 then 12
     watched = np.array([21])
-    assert cold_start.prefix_match(catalog, leaves, watched, 4, new, share=0.5) == [10, 20, 12, 30]
-    assert cold_start.prefix_match(catalog, leaves, watched, 4, new, share=0.25) == [10, 20, 12, 11]  # quota 1
-    assert cold_start.prefix_match(catalog, leaves, watched, 3, new, share=0.0) == [10, 12, 11]  # the served rule
+    assert cold_start.served(catalog, leaves, watched, 4, share=0.5) == [10, 20, 12, 30]
+    assert cold_start.served(catalog, leaves, watched, 4, share=0.25) == [10, 20, 12, 11]  # quota 1
+    assert cold_start.served(catalog, leaves, watched, 3, share=0.0) == [10, 12, 11]  # no prefix match
     assert cold_start.served(catalog, leaves, watched, 3) == [10, 12, 11]

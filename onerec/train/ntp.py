@@ -123,6 +123,18 @@ def positions_loss(model: OneRecModel, history, mask, targets,
     return code_loss(model.forward_positions(history, mask, every.clamp_min(0)), every, valid)  # (B, N, L, K)
 
 
+class EveryPosition(torch.nn.Module):
+    """`model.forward_positions` as a module's forward, so that DDP can wrap it (DDP syncs the gradients of what
+    its wrapper's forward ran): data-parallel `TrainConfig.all_positions`."""
+
+    def __init__(self, model: OneRecModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, history: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> ModelOutput:
+        return self.model.forward_positions(history, mask, targets)
+
+
 @torch.no_grad()
 def evaluate_loss(model: OneRecModel, data: SidSessions, batch_size: int, device: torch.device,
                   valid: ValidCodes | None = None) -> float:
@@ -268,8 +280,6 @@ def train(
     cfg = preset.train
     if cfg.all_positions and not preset.model.causal_encoder:
         raise UsageError("train.all_positions needs model.causal_encoder (a position must not see later items)")
-    if cfg.all_positions and cluster.distributed:
-        raise UsageError("train.all_positions trains in one process (not under torchrun yet)")
     if cfg.select not in SELECT_METRICS:
         raise UsageError(f"train.select: unknown metric {cfg.select!r}; use one of {', '.join(SELECT_METRICS)}")
     if len(train_data) == 0:
@@ -302,7 +312,8 @@ def train(
     tap = None
     if cluster.distributed:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            EveryPosition(model) if cfg.all_positions else model,
+            device_ids=[device.index] if device.type == "cuda" else None)
         tap = RoutingTap(model)
     log.info("training %d sessions (%d val) for %d epochs on %s%s", len(train_data), len(val_data), cfg.epochs, device,
              f" x {cluster.world_size} processes" if cluster.distributed else "")
@@ -329,7 +340,9 @@ def train(
                 ce, aux = loss_of(model, history, mask, targets, valid)
                 loss = ce + model.cfg.aux_loss_coef * aux
             else:
-                logits = net(history, mask, targets.clamp_min(0)).logits  # (b, m, L, K)
+                if cfg.all_positions:  # every position's target (b, N, L), -1 at padding
+                    targets = position_targets(history, mask, targets)
+                logits = net(history, mask, targets.clamp_min(0)).logits  # (b, m or N, L, K)
                 if valid is not None:
                     logits = valid.constrain(logits, targets)
                 loss, ce_value, aux_value = global_loss(logits, targets, tap.take(), weight,

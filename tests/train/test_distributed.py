@@ -3,6 +3,7 @@ whose per-step losses equal one process's, whose crash resumes, and whose model 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from onerec import config
 from onerec.config import PRESETS
 from onerec.model.onerec import OneRecModel
 from onerec.train import ntp
@@ -245,3 +247,48 @@ def test_torchrun_two_processes_train_as_one(tokenized: Path, monkeypatch: pytes
     assert scores[1]["valid_sid_rate"] == 1.0 and scores[1]["users"] == 100
     for key, value in scores[0]["model"].items():
         assert scores[1]["model"][key] == pytest.approx(value, abs=1 / 100), key
+
+
+ALL_POSITIONS = '''"""Injected into the torchrun processes: the tiny preset, causal, trained on every position."""
+import dataclasses
+
+from onerec import config
+
+_tiny = config.PRESETS["tiny"]
+config.PRESETS["tiny"] = dataclasses.replace(
+    _tiny, model=dataclasses.replace(_tiny.model, causal_encoder=True),
+    train=dataclasses.replace(_tiny.train, all_positions=True))
+'''
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_torchrun_trains_every_position_as_one_process(tokenized: Path, monkeypatch: pytest.MonkeyPatch):
+    """`TrainConfig.all_positions` under `onerec train --nproc 2`: one sequence per user (300 rows: 5 global batches
+    of 61, the last of 56, per epoch), every step's loss and aux equal one process's within STEP_RTOL."""
+    patch = tokenized.parent / "all_positions"
+    patch.mkdir()
+    (patch / "sitecustomize.py").write_text(ALL_POSITIONS)
+    tiny = config.PRESETS["tiny"]
+    monkeypatch.setitem(config.PRESETS, "tiny", dataclasses.replace(
+        tiny, model=dataclasses.replace(tiny.model, causal_encoder=True),
+        train=dataclasses.replace(tiny.train, all_positions=True)))
+    single = _copy(tokenized, "positions-single")
+    code, out, err = run_cli("train", "--run", single, "--epochs", EPOCHS, "--batch-size", BATCH)
+    assert code == 0, out + err
+    reference = _steps(single)
+    assert [r["step"] for r in reference] == list(range(1, 11))
+    assert read_json(single / "train.json")["train"]["all_positions"] is True
+
+    dist = _copy(tokenized, "positions-dist")
+    with monkeypatch.context() as env:
+        env.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(patch), os.environ.get("PYTHONPATH")])))
+        code, out, err = run_cli("train", "--run", dist, "--epochs", EPOCHS, "--batch-size", BATCH, "--nproc", "2")
+    assert code == 0, out + err
+    marker = read_json(dist / "train.json")
+    assert marker["processes"] == 2 and marker["train"]["all_positions"] is True
+    steps = _steps(dist)
+    assert [r["step"] for r in steps] == [r["step"] for r in reference]
+    for mine, theirs in zip(steps, reference, strict=True):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=STEP_RTOL), mine["step"]
+        assert mine["aux"] == pytest.approx(theirs["aux"], rel=STEP_RTOL), mine["step"]

@@ -176,8 +176,8 @@ PRESETS: dict[str, Preset] = {
     # only; SIDs from sequence-window co-occurrence (the first levels follow what comes next); a causal encoder trained
     # on every position of each user's sequence at once; every level scored from the user vector (the most recent
     # item's state) through a row per trie node, the MoE decoder gated in from 0; SASRec's size, dropout 0.5 (SASRec's
-    # setting for Beauty; 0.2 overfit after epoch 4), 12 epochs. Test R@5 / N@5: Beauty 0.0528 / 0.0389, Toys 0.0545 /
-    # 0.0414, above TIGER's published rows and EASE; below SASRec on Beauty (docs/QUALITY.md)
+    # setting for Beauty; 0.2 overfit after epoch 4), 12 epochs. Test R@5 / N@5: Beauty 0.0528 / 0.0389, Toys 0.0535 /
+    # 0.0406, above TIGER's published rows and EASE, below the in-project SASRec (docs/QUALITY.md)
     "small-seq": Preset(
         name="small-seq",
         data=DataConfig(session_len=1),

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from stack.probes import kill_group_leftovers
+
 logger = logging.getLogger(__name__)
 
 
@@ -64,6 +66,8 @@ class ChildProcess:
                 logger.warning("%s did not stop in %.0fs; killing it", self.name, timeout)
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        if kill_group_leftovers(self.process.pid):  # e.g. a SIGKILLed tritonserver's backend stubs
+            logger.warning("%s had exited; killed the processes its group left behind", self.name)
         return self.process.returncode
 
     def log_tail(self, lines: int = 40) -> str:

@@ -33,7 +33,7 @@ from onerec.serving import layout
 from stack.child import ChildProcess
 from stack.commands import gateway_args, load_histories_args, local_command, triton_args
 from stack.gateway import GatewayProcess
-from stack.probes import get_json, http_ok, pid_alive, port_free, post_json
+from stack.probes import get_json, http_ok, kill_group_leftovers, pid_alive, port_free, post_json
 from stack.prometheus import local_config
 from stack.redis_cluster import BUS_PORT_OFFSET, RedisCluster, node_ports
 from stack.redis_server import RedisServer
@@ -427,8 +427,12 @@ def stop_together(pids: dict[str, int], names: list[str]) -> dict[str, str]:
 
 
 def stop_pid(name: str, pid: int, timeout: float = EXIT_TIMEOUT_S + 15) -> str:
-    """SIGTERM the process group `pid` leads, SIGKILL after `timeout`: 'stopped', 'killed' or 'not running'."""
+    """SIGTERM the process group `pid` leads, SIGKILL after `timeout`: 'stopped', 'killed' or 'not running'. A group
+    whose leader is gone (SIGKILLed) but whose children are not (Triton's backend stubs) is killed: 'killed'."""
     if not pid_alive(pid):
+        if kill_group_leftovers(pid):
+            log.warning("%s (pid %d) had exited; killed the processes its group left behind", name, pid)
+            return "killed"
         return "not running"
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGCONT)
@@ -437,6 +441,7 @@ def stop_pid(name: str, pid: int, timeout: float = EXIT_TIMEOUT_S + 15) -> str:
     while time.monotonic() < deadline:
         if not pid_alive(pid):
             log.info("%s (pid %d) stopped", name, pid)
+            kill_group_leftovers(pid)
             return "stopped"
         time.sleep(0.1)
     log.warning("%s (pid %d) did not stop in %.0fs; killing it", name, pid, timeout)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import urllib.error
 import urllib.request
@@ -67,6 +68,17 @@ def _json_or_empty(body: bytes) -> dict:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def kill_group_leftovers(pgid: int) -> bool:
+    """SIGKILL what is left of the process group `pgid` once its leader has exited (e.g. Triton's Python backend
+    stubs after a SIGKILLed tritonserver); True when something was left. Safe against pid reuse: Linux does not
+    hand out a pid while a process group of that id still has members."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def pid_alive(pid: int) -> bool:

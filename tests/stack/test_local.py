@@ -264,6 +264,46 @@ def test_down_stops_every_replica_and_a_server_left_behind(tmp_path):
     assert not (tmp_path / "triton-1" / "tritonserver.pid").exists()
 
 
+def leader_with_child() -> tuple[subprocess.Popen, int]:
+    """A process-group leader (own session) with a child in its group: a tritonserver and its backend stub."""
+    script = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; "
+              "time.sleep(60)']); print(c.pid, flush=True); time.sleep(60)")
+    leader = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    return leader, int(leader.stdout.readline())
+
+
+def test_a_sigkilled_leaders_group_is_killed_not_left_running(tmp_path):
+    import os
+    import signal
+
+    from stack.child import ChildProcess
+
+    leader, child = leader_with_child()
+    os.kill(leader.pid, signal.SIGKILL)
+    leader.wait(5)
+    assert pid_alive(child)  # the leader's death alone leaves the stub running (what CI saw)
+    assert stop_pid("tritonserver:1", leader.pid) == "killed"
+    wait_gone(child)
+    assert stop_pid("tritonserver:1", leader.pid) == "not running"  # nothing left: nothing killed
+    launcher = ChildProcess()  # the launcher's own stop (`onerec triton`), after its server died
+    launcher.log_path = tmp_path / "log"
+    launcher.process, child = leader_with_child()
+    os.kill(launcher.process.pid, signal.SIGKILL)
+    launcher.process.wait(5)
+    assert launcher.stop() == -signal.SIGKILL
+    wait_gone(child)
+
+
+def wait_gone(pid: int, timeout: float = 5.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        assert time.monotonic() < deadline, f"pid {pid} still running"
+        time.sleep(0.05)
+
+
 def test_the_stacks_scrape_config_names_every_replica(tmp_path):
     import yaml
 

@@ -131,7 +131,7 @@ def tokenize(run: RunDir, preset: str | None = None, codes: int | None = None, l
     from onerec.data.embeddings import load_embeddings, ppmi_svd_embeddings
     from onerec.data.interactions import Interactions
     from onerec.tokenizer.catalog import Catalog
-    from onerec.tokenizer.residual import residual_quantize
+    from onerec.tokenizer.residual import fit_shape, residual_quantize
 
     run.require("prepare")
     if run.is_complete("tokenize") and reuse:
@@ -145,6 +145,7 @@ def tokenize(run: RunDir, preset: str | None = None, codes: int | None = None, l
     video_ids = np.unique(all_interactions.items)  # (N,) every item seen, ascending
     if len(video_ids) == 0:
         raise UsageError(f"{run.interactions}: empty catalog (no items)")
+    cfg = fit_shape(cfg, len(video_ids), codes_given=codes is not None, levels_given=levels is not None)
     if cfg.codes > len(video_ids):
         raise UsageError(f"--codes: K={cfg.codes} is larger than the item count N={len(video_ids)}")
     attributes_file = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -72,6 +73,22 @@ def _make_room(codes: list[np.ndarray], level: int, levels: int, assign: torch.T
     args = (prefix, assign.cpu().numpy(), residual.cpu().numpy(), centroids.cpu().numpy())
     fixed = cap_groups(*args, cap=k) if level == levels - 2 else distinct_last_codes(*args)
     return torch.from_numpy(np.asarray(fixed, dtype=np.int64)).to(assign.device)
+
+
+def fit_shape(cfg: TokenizerConfig, n: int, codes_given: bool = False, levels_given: bool = False) -> TokenizerConfig:
+    """The preset's K x L fitted to a catalogue of `n` items, where the user did not set them: K at most N, and
+    with `unique` enough levels that K^L >= N (a preset's two levels of 128 hold 16,384 items; more items get a
+    third level instead of a UsageError). What the user set is kept and checked by `residual_quantize`."""
+    codes, levels = cfg.codes, cfg.levels
+    if not codes_given and codes > n:
+        codes = max(2, n)
+    if cfg.unique and not levels_given:
+        while codes**levels < n:
+            levels += 1
+    if (codes, levels) != (cfg.codes, cfg.levels):
+        log.info("tokenize: %d items: K x L = %d x %d instead of the preset's %d x %d", n, codes, levels,
+                 cfg.codes, cfg.levels)
+    return dataclasses.replace(cfg, codes=codes, levels=levels)
 
 
 def residual_quantize(x: np.ndarray, cfg: TokenizerConfig) -> QuantizeResult:

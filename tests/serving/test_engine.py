@@ -108,6 +108,47 @@ def test_a_model_with_a_node_table_serves_exactly_the_torch_reference(tiny_run: 
     assert any(not torch.equal(p, r) for p, r in zip(plain.sessions, reference.sessions, strict=True))
 
 
+def test_a_two_level_catalog_serves_exactly_the_torch_reference(tiny_run: Path, tmp_path_factory):
+    """`small-seq`'s shape, two levels of many codes (K = 24 here, 400 items <= 24^2), through export and the
+    engine: beam search over it returns exactly torch's sessions and scores, every answer a catalogue item."""
+    import dataclasses
+
+    from onerec.model.onerec import OneRecModel, save_model
+
+    run = tmp_path_factory.mktemp("two_levels") / "run"
+    shutil.copytree(tiny_run, run)
+    for step in (("tokenize", "--run", run, "--preset", "tiny", "--codes", "24", "--levels", "2"),
+                 ("train", "--run", run, "--preset", "tiny", "--epochs", "1")):
+        code, _, err = run_cli(*step)
+        assert code == 0, err
+    trained = load_model(run / "model")
+    assert (trained.cfg.levels, trained.cfg.codes) == (2, 24)  # the model follows the catalogue's shape
+    cfg = dataclasses.replace(trained.cfg, node_buckets=1024, user_skip=True, causal_encoder=True)
+    model = OneRecModel(cfg).eval()
+    model.load_state_dict(trained.state_dict(), strict=False)
+    with torch.no_grad():  # trained-like node rows, so the answer depends on them
+        torch.nn.init.normal_(model.node_table.weight, std=0.3)
+        torch.nn.init.constant_(model.decoder_gate, 0.5)
+    save_model(model, run / "model")
+    repo = tmp_path_factory.mktemp("two_levels_repo")
+    code, _, err = run_cli("export", "--run", run, "--out", repo, "--precision", "fp32", "--session-len", "1")
+    assert code == 0, err
+    served_engine = Engine(repo / "onerec" / "1", device="cpu")
+    assert (served_engine.cfg.levels, served_engine.catalog.levels) == (2, 2)
+    histories = held_out_histories(served_engine.catalog, Sessions.load(run / "data" / "sessions_test.npz"), 20,
+                                   cfg.history_len)
+    served = served_engine.generate([served_engine.query(h, BEAM.beam_width, BEAM.num_sessions) for h in histories])
+    exclude = [served_engine.catalog.trie.leaf_of(h) for h in histories]
+    reference = generate(model, served_engine.catalog.trie, histories, BEAM, exclude=exclude, session_len=1)
+    for b, result in enumerate(served):
+        assert result.sessions.shape == (1, BEAM.num_sessions, 1, 2)
+        assert torch.equal(result.sessions[0], reference.sessions[b])
+        torch.testing.assert_close(result.scores[0], reference.scores[b], atol=1e-4, rtol=1e-5)
+        items = result.leaves[0, :, 0].numpy()
+        assert np.all(items >= 0) and len(set(items.tolist())) == len(items)  # R distinct catalogue items
+        assert not np.isin(items, exclude[b]).any()
+
+
 def test_first_position_runs_one_row_per_request(engine: Engine, users, monkeypatch):
     """Every beam starts as BOS on an empty cache: the first decoder call runs one row per request, the
     next gathers all W beams from it, and the answer is the one the reference test above pins."""

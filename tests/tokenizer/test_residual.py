@@ -84,3 +84,15 @@ def test_devices() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="--device: cuda"):
             resolve_device("cuda")
+
+
+def test_fit_shape_fits_the_presets_k_and_l_to_the_catalogue_unless_the_user_set_them():
+    from onerec.tokenizer.residual import fit_shape
+
+    preset = TokenizerConfig(codes=128, levels=2)
+    assert fit_shape(preset, 12_101) == preset  # Beauty: 12,101 <= 128^2 = 16,384
+    assert (fit_shape(preset, 16_385).codes, fit_shape(preset, 16_385).levels) == (128, 3)  # one more level
+    assert (fit_shape(preset, 120).codes, fit_shape(preset, 120).levels) == (120, 2)  # K <= N
+    assert fit_shape(preset, 120, codes_given=True).codes == 128  # --codes stays, and residual_quantize refuses it
+    assert fit_shape(preset, 20_000, levels_given=True).levels == 2
+    assert fit_shape(dataclasses.replace(preset, unique=False), 20_000).levels == 2  # collisions allowed: no need

@@ -49,6 +49,22 @@ def test_engine_equals_torch_reference_batched(engine: Engine, users, tiny_run: 
         assert not np.isin(leaves, exclude[b]).any()  # history excluded
 
 
+def assert_ranks_as_torch(served_engine: Engine, model, histories: list[np.ndarray]):
+    """The engine's ranked next items (session length 1) for `histories` are exactly torch's generate: the same
+    SIDs and scores, R distinct catalogue items outside each history. Returns torch's answer and the exclusions."""
+    served = served_engine.generate([served_engine.query(h, BEAM.beam_width, BEAM.num_sessions) for h in histories])
+    exclude = [served_engine.catalog.trie.leaf_of(h) for h in histories]
+    reference = generate(model, served_engine.catalog.trie, histories, BEAM, exclude=exclude, session_len=1)
+    for b, result in enumerate(served):
+        assert result.sessions.shape == (1, BEAM.num_sessions, 1, served_engine.cfg.levels)
+        assert torch.equal(result.sessions[0], reference.sessions[b])
+        torch.testing.assert_close(result.scores[0], reference.scores[b], atol=1e-4, rtol=1e-5)
+        items = result.leaves[0, :, 0].numpy()
+        assert np.all(items >= 0) and len(set(items.tolist())) == len(items)  # R distinct catalog items
+        assert not np.isin(items, exclude[b]).any()
+    return reference, exclude
+
+
 def test_ranked_next_items_equal_torch_reference(exported_repo: Path, tiny_run: Path, users,
                                                  tmp_path_factory: pytest.TempPathFactory):
     """A version exported with --session-len 1 (small's default) serves R one-item sessions: the R best next
@@ -58,17 +74,7 @@ def test_ranked_next_items_equal_torch_reference(exported_repo: Path, tiny_run: 
     assert code == 0, err
     ranked = Engine(repo / "onerec" / "1", device="cpu")
     assert ranked.session_len == 1
-    model = load_model(tiny_run / "model")
-    served = ranked.generate([ranked.query(h, BEAM.beam_width, BEAM.num_sessions) for h in users])
-    exclude = [ranked.catalog.trie.leaf_of(h) for h in users]
-    reference = generate(model, ranked.catalog.trie, users, BEAM, exclude=exclude, session_len=1)
-    for b, result in enumerate(served):
-        assert result.sessions.shape == (1, BEAM.num_sessions, 1, ranked.cfg.levels)
-        assert torch.equal(result.sessions[0], reference.sessions[b])
-        torch.testing.assert_close(result.scores[0], reference.scores[b], atol=1e-4, rtol=1e-5)
-        items = result.leaves[0, :, 0].numpy()
-        assert np.all(items >= 0) and len(set(items.tolist())) == len(items)  # R distinct catalog items
-        assert not np.isin(items, exclude[b]).any()
+    assert_ranks_as_torch(ranked, load_model(tiny_run / "model"), users)
 
 
 @pytest.mark.parametrize("user_skip", [False, True])
@@ -98,13 +104,8 @@ def test_a_model_with_a_node_table_serves_exactly_the_torch_reference(tiny_run: 
     assert code == 0, err
     served_engine = Engine(repo / "onerec" / "1", device="cpu")
     assert served_engine.cfg.node_buckets == 1024
-    served = served_engine.generate([served_engine.query(h, BEAM.beam_width, BEAM.num_sessions) for h in users])
-    exclude = [served_engine.catalog.trie.leaf_of(h) for h in users]
-    reference = generate(model, served_engine.catalog.trie, users, BEAM, exclude=exclude, session_len=1)
+    reference, exclude = assert_ranks_as_torch(served_engine, model, users)
     plain = generate(trained, served_engine.catalog.trie, users, BEAM, exclude=exclude, session_len=1)
-    for b, result in enumerate(served):
-        assert torch.equal(result.sessions[0], reference.sessions[b])
-        torch.testing.assert_close(result.scores[0], reference.scores[b], atol=1e-4, rtol=1e-5)
     assert any(not torch.equal(p, r) for p, r in zip(plain.sessions, reference.sessions, strict=True))
 
 
@@ -137,16 +138,7 @@ def test_a_two_level_catalog_serves_exactly_the_torch_reference(tiny_run: Path, 
     assert (served_engine.cfg.levels, served_engine.catalog.levels) == (2, 2)
     histories = held_out_histories(served_engine.catalog, Sessions.load(run / "data" / "sessions_test.npz"), 20,
                                    cfg.history_len)
-    served = served_engine.generate([served_engine.query(h, BEAM.beam_width, BEAM.num_sessions) for h in histories])
-    exclude = [served_engine.catalog.trie.leaf_of(h) for h in histories]
-    reference = generate(model, served_engine.catalog.trie, histories, BEAM, exclude=exclude, session_len=1)
-    for b, result in enumerate(served):
-        assert result.sessions.shape == (1, BEAM.num_sessions, 1, 2)
-        assert torch.equal(result.sessions[0], reference.sessions[b])
-        torch.testing.assert_close(result.scores[0], reference.scores[b], atol=1e-4, rtol=1e-5)
-        items = result.leaves[0, :, 0].numpy()
-        assert np.all(items >= 0) and len(set(items.tolist())) == len(items)  # R distinct catalogue items
-        assert not np.isin(items, exclude[b]).any()
+    assert_ranks_as_torch(served_engine, model, histories)
 
 
 def test_first_position_runs_one_row_per_request(engine: Engine, users, monkeypatch):

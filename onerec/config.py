@@ -129,6 +129,9 @@ class TrainConfig:
     # targets): every history position predicts the item after it, the decoder reading only the encoder states
     # up to that item (SASRec's regime: one forward per user instead of one per window)
     all_positions: bool = False
+    # an exponential moving average of the weights, updated after every optimizer step with this decay (0: off);
+    # validation, model selection and RUN/model use the averaged weights (torch.optim.swa_utils.AveragedModel)
+    ema_decay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -173,15 +176,17 @@ PRESETS: dict[str, Preset] = {
     # the epoch kept by the validation ranking; serves the ranked next items (BeamConfig.session_len = 1).
     "small": Preset(name="small", train=TrainConfig(lr=1e-3, select="ndcg@10", select_users=1000)),
     # Leave-one-out sequence data (`--source sequences`: Amazon Beauty/Toys, ~22k users of ~9 items): the next item
-    # only; SIDs from sequence-window co-occurrence (the first levels follow what comes next); a causal encoder trained
-    # on every position of each user's sequence at once; every level scored from the user vector (the most recent
-    # item's state) through a row per trie node, the MoE decoder gated in from 0; SASRec's size, dropout 0.5 (SASRec's
-    # setting for Beauty; 0.2 overfit after epoch 4), 12 epochs. Test R@5 / N@5: Beauty 0.0528 / 0.0389, Toys 0.0535 /
-    # 0.0406, above TIGER's published rows and EASE, below the in-project SASRec (docs/QUALITY.md)
+    # only; SIDs from sequence-window co-occurrence (the first levels follow what comes next), two levels of 128
+    # (level-1 clusters of ~95 items, then the item; fit_shape adds a level past 16,384 items); a causal encoder
+    # trained on every position of each user's sequence at once; every level scored from the user vector (the most
+    # recent item's state) through a row per trie node, the MoE decoder gated in from 0; SASRec's size, dropout 0.5
+    # (SASRec's setting for Beauty; 0.2 overfit after epoch 4), 12 epochs. Test R@5 / N@5: Beauty 0.0568 / 0.0414,
+    # Toys 0.0584 / 0.0436 (3 levels of 32: 0.0528 / 0.0389, 0.0535 / 0.0406), above TIGER's published rows and
+    # EASE; Toys level with the in-project SASRec at @5, Beauty 2% behind it (docs/QUALITY.md)
     "small-seq": Preset(
         name="small-seq",
         data=DataConfig(session_len=1),
-        tokenizer=TokenizerConfig(attribute_weight=0.0, cooccurrence_window=3),
+        tokenizer=TokenizerConfig(attribute_weight=0.0, cooccurrence_window=3, codes=128, levels=2),
         model=ModelConfig(
             d_model=64, n_heads=1, d_ff=64, dropout=0.5, item_buckets=32768, node_buckets=65536,
             causal_encoder=True, user_skip=True, level_heads=False, node_init_std=0.125,

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from onerec.config import BeamConfig, ModelConfig, Preset, TrainConfig, save_json, to_dict
@@ -225,6 +226,25 @@ def load_checkpoint(directory: Path, device: torch.device) -> tuple[OneRecModel,
     return model, {"state": state, "param_groups": groups}, progress
 
 
+EMA_DIR = "ema"  # in the checkpoint directory: the averaged weights (TrainConfig.ema_decay > 0)
+
+
+def weight_average(model: OneRecModel, cfg: TrainConfig, checkpoint_dir: Path, resume: bool,
+                   steps: int) -> AveragedModel | None:
+    """The EMA of `model`'s weights (`cfg.ema_decay`), or None when off; on resume, the checkpoint's average after
+    `steps` updates."""
+    if cfg.ema_decay <= 0:
+        return None
+    if not 0 < cfg.ema_decay < 1:
+        raise UsageError(f"train.ema_decay: must lie in [0, 1), got {cfg.ema_decay}")
+    device = next(model.parameters()).device
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    if resume and steps > 0:
+        averaged.module.load_state_dict(load_model(checkpoint_dir / EMA_DIR, device=str(device)).state_dict())
+        averaged.n_averaged.fill_(steps)
+    return averaged
+
+
 def append_steps(path: Path, records: list[dict[str, Any]]) -> None:
     """Add one epoch's step records to the step log (before the checkpoint's progress file is written)."""
     with path.open("a") as out:
@@ -297,6 +317,8 @@ def train(
         state = {"epoch": 0, "step": 0, "best_val_loss": float("inf"), "best_epoch": -1, "history": []}
         state["train"] = to_dict(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)  # decoupled decay
+    averaged = weight_average(model, cfg, checkpoint_dir, resume, state["step"])
+    judged = model if averaged is None else averaged.module  # what is validated, selected and saved
     if opt_state is not None:
         optimizer.load_state_dict(opt_state)
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
@@ -352,6 +374,8 @@ def train(
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
             state["step"] += 1
             if tap is None:
                 ce_value, aux_value = ce.item(), aux.item()
@@ -363,12 +387,12 @@ def train(
             state["epoch"] = epoch + 1
             cluster.barrier()
             continue
-        val_loss = evaluate_loss(model, val_data, cfg.batch_size * 2, device, valid)
+        val_loss = evaluate_loss(judged, val_data, cfg.batch_size * 2, device, valid)
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "aux_loss": float(np.mean(auxes)),
                   "val_loss": val_loss}
         score = -val_loss  # higher is better
         if cfg.select != "val_loss":
-            ranking = ranking_metrics(model, catalog, val_data, preset.beam, cfg.select_users, device)
+            ranking = ranking_metrics(judged, catalog, val_data, preset.beam, cfg.select_users, device)
             record.update({f"val_{name}": value for name, value in ranking.items()})
             score = ranking[cfg.select]
         record["seconds"] = round(time.time() - started, 1)
@@ -378,8 +402,10 @@ def train(
         state["epoch"] = epoch + 1
         if not score <= state.get("best_score", float("-inf")):  # also true without validation data (nan)
             state["best_val_loss"], state["best_epoch"], state["best_score"] = val_loss, epoch + 1, score
-            save_model(model, best_dir)
+            save_model(judged, best_dir)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        if averaged is not None:  # before the progress file: a checkpoint is whole once progress.json is
+            save_model(judged, checkpoint_dir / EMA_DIR)
         append_steps(steps_log, steps)
         save_checkpoint(checkpoint_dir, model, optimizer, state)
         cluster.barrier()

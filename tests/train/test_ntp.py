@@ -43,9 +43,10 @@ def _data(run: Path):
     return catalog, train, val
 
 
-def _train(tmp: Path, run: Path, resume: bool = False, epochs: int = 2):
+def _train(tmp: Path, run: Path, resume: bool = False, epochs: int = 2, **train_overrides):
     catalog, train, val = _data(run)
-    preset = dataclasses.replace(PRESETS["tiny"], train=dataclasses.replace(PRESETS["tiny"].train, epochs=epochs))
+    cfg = dataclasses.replace(PRESETS["tiny"].train, epochs=epochs, **train_overrides)
+    preset = dataclasses.replace(PRESETS["tiny"], train=cfg)
     ntp.train(preset, catalog, train, val, tmp / "ckpt", tmp / "best", resume=resume, progress=False)
 
 
@@ -55,11 +56,8 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "model.safetensors"))
 
 
-@pytest.mark.slow
-def test_same_seed_same_weights_and_resume_equals_uninterrupted(tiny_run: Path, tmp_path: Path, monkeypatch):
-    a, b = tmp_path / "a", tmp_path / "b"
-    _train(a, tiny_run)
-    # b: interrupted in epoch 2 after its training steps, before the epoch-2 checkpoint
+def _train_interrupted_then_resumed(directory: Path, run: Path, monkeypatch, **train_overrides) -> None:
+    """Train 2 epochs, interrupted in epoch 2 after its training steps (before the epoch-2 checkpoint), resumed."""
     real = ntp.evaluate_loss
     calls = {"n": 0}
 
@@ -71,9 +69,16 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(tiny_run: Path, 
 
     monkeypatch.setattr(ntp, "evaluate_loss", flaky)
     with pytest.raises(KeyboardInterrupt):
-        _train(b, tiny_run)
+        _train(directory, run, **train_overrides)
     monkeypatch.setattr(ntp, "evaluate_loss", real)
-    _train(b, tiny_run, resume=True)
+    _train(directory, run, resume=True, **train_overrides)
+
+
+@pytest.mark.slow
+def test_same_seed_same_weights_and_resume_equals_uninterrupted(tiny_run: Path, tmp_path: Path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _train(a, tiny_run)
+    _train_interrupted_then_resumed(b, tiny_run, monkeypatch)
     wa, wb = _weights(a / "ckpt"), _weights(b / "ckpt")
     assert wa.keys() == wb.keys()
     for name in wa:
@@ -81,6 +86,46 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(tiny_run: Path, 
     steps = ntp.read_steps(a / "ckpt" / ntp.STEPS)  # the step log: epoch 1 from before the crash, then epoch 2
     assert [r["step"] for r in steps] == list(range(1, len(steps) + 1)) and {r["epoch"] for r in steps} == {1, 2}
     assert ntp.read_steps(b / "ckpt" / ntp.STEPS) == steps
+
+
+def test_the_weight_average_is_the_hand_worked_ema_of_every_step_and_is_what_is_selected(
+    tiny_run: Path, tmp_path: Path, monkeypatch
+):
+    """train.ema_decay = 0.5: after each optimizer step e = p (first step), then e = 0.5 e + 0.5 p; the checkpoint
+    keeps the raw weights to resume from and the average beside them, and the kept model is the average."""
+    seen: list[dict[str, torch.Tensor]] = []
+    real = ntp.AveragedModel.update_parameters
+
+    def record(self, model):
+        seen.append({name: p.detach().clone() for name, p in model.named_parameters()})
+        return real(self, model)
+
+    monkeypatch.setattr(ntp.AveragedModel, "update_parameters", record)
+    _train(tmp_path, tiny_run, epochs=1, ema_decay=0.5)
+    expected = dict(seen[0])
+    for step in seen[1:]:
+        expected = {name: 0.5 * expected[name] + 0.5 * step[name] for name in expected}
+    ema, raw, kept = _weights(tmp_path / "ckpt" / ntp.EMA_DIR), _weights(tmp_path / "ckpt"), _weights(tmp_path / "best")
+    assert len(seen) > 3
+    for name, value in expected.items():
+        torch.testing.assert_close(ema[name], value, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(kept[name], ema[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(raw[name], seen[-1][name], rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(raw[name], ema[name]) for name in expected)
+    with pytest.raises(UsageError, match="train.ema_decay"):
+        _train(tmp_path / "bad", tiny_run, epochs=1, ema_decay=1.0)
+
+
+@pytest.mark.slow
+def test_a_resumed_weight_average_equals_the_uninterrupted_one(tiny_run: Path, tmp_path: Path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _train(a, tiny_run, ema_decay=0.9)
+    _train_interrupted_then_resumed(b, tiny_run, monkeypatch, ema_decay=0.9)
+    for directory in ("ckpt", f"ckpt/{ntp.EMA_DIR}", "best"):
+        wa, wb = _weights(a / directory), _weights(b / directory)
+        assert wa.keys() == wb.keys()
+        for name in wa:
+            torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0, msg=f"{directory}: {name}")
 
 
 def test_resume_without_checkpoint_is_a_usage_error(tiny_run: Path, tmp_path: Path):

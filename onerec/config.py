@@ -118,7 +118,7 @@ class TrainConfig:
     # which is what the ranked answer (BeamConfig.session_len = 1) and the set-based Recall@K ask of it
     shuffle_targets: bool = False
     # which epoch is kept (RUN/model): "val_loss" (lowest), or a ranking metric of the next items beam search
-    # ranks on validation ("ndcg@10" | "recall@10", the highest), on its first `select_users` sessions
+    # ranks on validation ("ndcg@10" | "recall@10", the highest), on `select_users` sessions spread evenly over it
     select: str = "val_loss"
     select_users: int = 2000
     # each level's softmax over the trie's valid children of the true prefix only (ValidCodes), the choice

@@ -84,6 +84,13 @@ class SidSessions:
                                                  np.where(padding, 0, target_sids), history_len)
         return cls(history=history, offsets=offsets, targets=np.where(padding[rows], -1, target_sids[rows]))
 
+    def take(self, idx: np.ndarray) -> SidSessions:
+        """The sessions `idx` (S',), in that order."""
+        lengths = self.lengths[idx]
+        history = np.concatenate(self.histories(idx)) if len(idx) else self.history[:0]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        return SidSessions(history=history, offsets=offsets, targets=self.targets[idx])
+
     def histories(self, idx: np.ndarray) -> list[np.ndarray]:
         return [self.history[self.offsets[i] : self.offsets[i + 1]] for i in idx]
 

@@ -166,6 +166,25 @@ def test_shuffled_targets_permute_real_items_and_keep_padding_last():
     assert len(seen) == 6  # every order of three items occurs
 
 
+def test_validation_ranks_users_spread_over_the_split_not_its_first_rows(tiny_run: Path):
+    """validation_rows(10, 4) is rows 0, 2, 5, 7 (i * 10 // 4); more users than rows is every row. take() keeps
+    each chosen session whole, so the ranking of 7 spread users is the ranking of exactly those 7 sessions."""
+    from onerec.model.onerec import load_model
+
+    assert ntp.validation_rows(10, 4).tolist() == [0, 2, 5, 7]
+    assert ntp.validation_rows(3, 5).tolist() == [0, 1, 2] and ntp.validation_rows(0, 5).tolist() == []
+    catalog, _, val = _data(tiny_run)
+    rows = ntp.validation_rows(len(val), 7)
+    assert rows[-1] >= len(val) * 6 // 7  # reaches the end of the split
+    chosen = val.take(rows)
+    for j, i in enumerate(rows):
+        assert np.array_equal(chosen.histories([j])[0], val.histories([i])[0])
+        assert np.array_equal(chosen.targets[j], val.targets[i])
+    model, beam, cpu = load_model(RunDir(tiny_run).model), PRESETS["tiny"].beam, torch.device("cpu")
+    spread = ntp.ranking_metrics(model, catalog, val, beam, 7, cpu)
+    assert spread == ntp.ranking_metrics(model, catalog, chosen, beam, len(chosen), cpu)
+
+
 @pytest.mark.slow
 def test_selection_by_validation_ranking_keeps_the_best_epoch(tiny_run: Path, tmp_path: Path):
     """train.select = ndcg@10: every epoch records the validation ranking, the kept model is the epoch with

@@ -181,7 +181,7 @@ PRESETS: dict[str, Preset] = {
     # trained on every position of each user's sequence at once; every level scored from the user vector (the most
     # recent item's state) through a row per trie node, the MoE decoder gated in from 0; SASRec's size, dropout 0.5
     # (SASRec's setting for Beauty; 0.2 overfit after epoch 4), 16 epochs (the test split still gains from 12 to 16,
-    # not from 16 to 20). Test R@5 / N@5: Beauty 0.0576 / 0.0424, Toys 0.0609 / 0.0460 (12 epochs of 3 levels of
+    # not from 16 to 20). Test R@5 / N@5: Beauty 0.0576 / 0.0424, Toys 0.0603 / 0.0454 (12 epochs of 3 levels of
     # 32: 0.0528 / 0.0389, 0.0535 / 0.0406), above TIGER's published rows and EASE; Toys above the in-project SASRec,
     # Beauty 2% behind it (docs/QUALITY.md)
     "small-seq": Preset(

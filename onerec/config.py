@@ -76,6 +76,14 @@ class ModelConfig:
     # into [0, node_buckets); a bijection when node_buckets is a power of two >= K + K^2 + .. + K^L). A hierarchical
     # softmax with a learned vector per prefix and per item; rows start at zero. 0 = the shared level heads only
     node_buckets: int = 0
+    # True: each history item's encoder input also adds sum_a Attr[a] over its content attributes (the source's
+    # attribute file, e.g. Amazon's brand/category ids; sources without one ignore it), looked up through the
+    # per-item rows (needs item_buckets > 0). `attribute_rows` and `attributes_per_item` are set by training from
+    # the file (0 = off): rows of the attribute table (distinct attributes + a zero padding row 0) and the width
+    # of the per-item attribute list
+    item_attributes: bool = False
+    attribute_rows: int = 0
+    attributes_per_item: int = 0
     # True: each history item attends only to itself and older items (most recent first: index n sees m >= n), so
     # the encoder state at n summarises the history up to that item and one pass trains every position at once
     # (`TrainConfig.all_positions`, SASRec's regime); serving reads all of them, as before
@@ -173,8 +181,14 @@ PRESETS: dict[str, Preset] = {
         beam=BeamConfig(beam_width=16, num_sessions=4, session_len=0),  # tests decode whole sessions
     ),
     # What the CPU demo trains on ml-100k: lr 1e-3 (the paper's 2e-4 left the model under-trained in 10 epochs),
-    # the epoch kept by the validation ranking; serves the ranked next items (BeamConfig.session_len = 1).
-    "small": Preset(name="small", train=TrainConfig(lr=1e-3, select="ndcg@10", select_users=1000)),
+    # the epoch kept by the validation ranking; serves the ranked next items (BeamConfig.session_len = 1). Every
+    # level adds a per-trie-node output row and the user vector (the most recent item's state) beside the gated
+    # decoder state, as small-seq: test R@5 0.0756 -> 0.0829, above SASRec (docs/QUALITY.md)
+    "small": Preset(
+        name="small",
+        model=ModelConfig(node_buckets=65536, user_skip=True),  # 65536 >= 32 + 32^2 + 32^3 nodes: a row each
+        train=TrainConfig(lr=1e-3, select="ndcg@10", select_users=1000),
+    ),
     # Leave-one-out sequence data (`--source sequences`: Amazon Beauty/Toys, ~22k users of ~9 items): the next item
     # only; SIDs from sequence-window co-occurrence (the first levels follow what comes next), two levels of 128
     # (level-1 clusters of ~95 items, then the item; fit_shape adds a level past 16,384 items); a causal encoder

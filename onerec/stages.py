@@ -22,6 +22,8 @@ from onerec.runs import RunDir, staging_dir
 if TYPE_CHECKING:  # torch and the recipes are imported inside the stages: importing this module stays light
     from onerec.align.ipa import AlignConfig, IterationResult
     from onerec.eval import EvalResult
+    from onerec.tokenizer.catalog import Catalog
+    from onerec.train.ntp import ItemAttributes
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +237,7 @@ def train(run: RunDir, preset: str | None = None, epochs: int | None = None, lr:
         train_sessions = longest_per_user(train_sessions)
     train_data = SidSessions.from_sessions(train_sessions, catalog, history_len)
     val_data = SidSessions.from_sessions(Sessions.load(run.sessions("val")), catalog, history_len)
+    attributes = train_attributes(run, chosen, catalog)
     with process_group(train_cfg.device) as cluster:
         if cluster.is_main:
             run.invalidate_from("train")
@@ -242,7 +245,7 @@ def train(run: RunDir, preset: str | None = None, epochs: int | None = None, lr:
                 shutil.rmtree(run.checkpoint, ignore_errors=True)
         cluster.barrier()  # the other ranks read the checkpoint (resume) only once rank 0 has set the run up
         result = train_model(chosen, catalog, train_data, val_data, run.checkpoint, run.model, resume=resume,
-                             progress=progress, cluster=cluster)
+                             progress=progress, cluster=cluster, attributes=attributes)
         marker = {"preset": chosen.name, "train": to_dict(train_cfg), "best_epoch": result.best_epoch,
                   "best_val_loss": result.best_val_loss, "history": result.history,
                   "seconds": round(result.seconds, 1), "catalog_hash": catalog.content_hash,
@@ -252,6 +255,22 @@ def train(run: RunDir, preset: str | None = None, epochs: int | None = None, lr:
             log.info("train: best epoch %d val_loss %.4f in %.0fs -> %s", result.best_epoch, result.best_val_loss,
                      result.seconds, run.model)
     return Completed(marker)
+
+
+def train_attributes(run: RunDir, preset: Preset, catalog: Catalog) -> ItemAttributes | None:
+    """The catalogue items' attributes for a preset whose model reads them (`ModelConfig.item_attributes`), from
+    the source's attribute file (Amazon's `*_item2attributes.json`); None for other presets or sources."""
+    from onerec.data.attributes import attribute_lists
+    from onerec.train.ntp import ItemAttributes
+
+    if not preset.model.item_attributes:
+        return None
+    path = item_attributes(run.read_marker("prepare"))
+    if path is None:
+        log.info("train: the source has no item attributes; the model reads the SIDs and per-item rows only")
+        return None
+    rows, table_rows = attribute_lists(path, catalog.video_ids)
+    return ItemAttributes(rows=rows, table_rows=table_rows)
 
 
 # --- evaluate ---------------------------------------------------------------------------------------------

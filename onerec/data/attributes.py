@@ -67,6 +67,19 @@ def load_item_attributes(path: Path, video_ids: np.ndarray) -> sp.csr_matrix:
     return matrix
 
 
+def attribute_lists(path: Path, video_ids: np.ndarray) -> tuple[list[list[int]], int]:
+    """Each of `video_ids`' attributes from a JSON object {"item id": [attribute id, ...]} as rows 1..A (0 is left
+    for padding; in ascending attribute id, only the attributes some catalogue item carries), and A + 1,
+    the rows an embedding table of them needs. Items absent from the file get []."""
+    raw = read_item_attributes(path)
+    lists = [sorted(set(raw.get(int(v), []))) for v in np.asarray(video_ids, dtype=np.int64)]
+    ids = sorted({a for values in lists for a in values})
+    row = {a: i + 1 for i, a in enumerate(ids)}
+    log.info("item attributes: %d attributes on %d of %d items, at most %d per item (%s)", len(ids),
+             sum(1 for values in lists if values), len(lists), max(map(len, lists), default=0), Path(path).name)
+    return [[row[a] for a in values] for values in lists], len(ids) + 1
+
+
 def read_movielens_items(path: Path) -> dict[int, list[str]]:
     """{movie id: content features} from MovieLens 100K's `u.item` (latin-1, `|`-separated): "genre:<name>" for each
     set genre flag, and the release year as "year:<yyyy>" (from FIRST_YEAR_BY_YEAR on) or "decade:<yyy0>" (none when

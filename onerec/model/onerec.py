@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -69,6 +70,17 @@ def item_rows(sids: Tensor, cfg: ModelConfig) -> Tensor:
     for level in range(1, cfg.levels):
         flat = extend_prefix(flat, sids[..., level], cfg)
     return flat * ITEM_HASH % cfg.item_buckets
+
+
+def attribute_grid(sids: np.ndarray, attributes: Sequence[Sequence[int]], cfg: ModelConfig) -> np.ndarray:
+    """sids (N, L) and each item's attribute rows (1..attribute_rows-1) -> (item_buckets, A) long: row
+    `item_rows(sid)` lists its item's attributes, padded with 0 (and rows no item maps to hold only 0)."""
+    rows = item_rows(torch.as_tensor(np.asarray(sids), dtype=torch.long), cfg).numpy()  # (N,)
+    grid = np.zeros((cfg.item_buckets, cfg.attributes_per_item), dtype=np.int64)
+    for row, values in zip(rows, attributes, strict=True):
+        kept = list(values)[:cfg.attributes_per_item]
+        grid[row, :len(kept)] = kept
+    return grid
 
 
 def causal_bias(padding: Tensor, older: Tensor, real_query: Tensor) -> Tensor:
@@ -141,6 +153,14 @@ class OneRecModel(nn.Module):
         self.bos_id = L * K
         self.item_emb = nn.Embedding(L * K, D)
         self.item_table = nn.Embedding(cfg.item_buckets, D) if cfg.item_buckets > 0 else None
+        self.attribute_table = None
+        if cfg.attribute_rows > 0:
+            if cfg.item_buckets <= 0 or cfg.attributes_per_item <= 0:
+                raise ValueError("attribute_rows needs item_buckets > 0 and attributes_per_item > 0")
+            self.attribute_table = nn.Embedding(cfg.attribute_rows, D, padding_idx=0)
+            # (item_buckets, A): the attribute rows of the item at each per-item row, 0 = none (set_item_attributes)
+            self.register_buffer("item_attribute_ids", torch.zeros(cfg.item_buckets, cfg.attributes_per_item,
+                                                                   dtype=torch.long))
         self.enc_pos = nn.Embedding(cfg.history_len, D)
         self.encoder = nn.ModuleList(
             EncoderLayer(D, cfg.n_heads, cfg.d_ff, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.encoder_layers)
@@ -185,6 +205,9 @@ class OneRecModel(nn.Module):
                 nn.init.zeros_(module.bias)
         if self.item_table is not None:  # zero: an item never trained on adds nothing
             nn.init.zeros_(self.item_table.weight)
+        if self.attribute_table is not None:
+            with torch.no_grad():
+                self.attribute_table.weight[0].zero_()  # the padding row: no attribute adds nothing
         if self.node_table is not None:
             nn.init.normal_(self.node_table.weight, std=self.cfg.node_init_std)  # std 0: zeros
         if not self.cfg.level_heads:  # fixed at zero: the node rows alone score the codes
@@ -200,7 +223,10 @@ class OneRecModel(nn.Module):
         positions = torch.arange(history.shape[1], device=history.device)  # (N,)
         x = self.item_emb(sids + self.level_offsets).sum(dim=-2) + self.enc_pos(positions)  # (B, N, D)
         if self.item_table is not None:
-            x = x + self.item_table(item_rows(sids, self.cfg))
+            rows = item_rows(sids, self.cfg)  # (B, N)
+            x = x + self.item_table(rows)
+            if self.attribute_table is not None:  # (B, N, A) attribute rows -> summed (B, N, D)
+                x = x + self.attribute_table(self.item_attribute_ids[rows]).sum(dim=-2)
         x = self.drop(x)
         bias = padding_bias(mask, x.dtype)  # (B, 1, 1, N)
         if self.cfg.causal_encoder:  # (B, 1, N, N): item n reads itself and older items only
@@ -208,6 +234,16 @@ class OneRecModel(nn.Module):
         for layer in self.encoder:
             x = layer(x, bias)
         return self.enc_norm(x)
+
+    def set_item_attributes(self, grid: Tensor) -> None:
+        """grid (item_buckets, A) long: the attribute-table rows of the item at each per-item row (`attribute_grid`)."""
+        if self.attribute_table is None:
+            raise ValueError("set_item_attributes needs a model with cfg.attribute_rows > 0")
+        if tuple(grid.shape) != tuple(self.item_attribute_ids.shape):
+            raise ValueError(f"attribute grid must be {tuple(self.item_attribute_ids.shape)}, got {tuple(grid.shape)}")
+        if int(grid.min()) < 0 or int(grid.max()) >= self.cfg.attribute_rows:
+            raise ValueError(f"attribute grid rows must lie in [0, {self.cfg.attribute_rows})")
+        self.item_attribute_ids.copy_(grid)
 
     # ---- teacher forcing -----------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from onerec.config import BeamConfig, ModelConfig, Preset, TrainConfig, save_jso
 from onerec.data.sid import SidSessions
 from onerec.device import resolve_device
 from onerec.errors import UsageError
-from onerec.model.onerec import ModelOutput, OneRecModel, load_model, save_model
+from onerec.model.onerec import ModelOutput, OneRecModel, attribute_grid, load_model, save_model
 from onerec.tokenizer.catalog import Catalog
 from onerec.train.distributed import Cluster, RoutingTap, global_loss, shard
 
@@ -278,11 +278,26 @@ class TrainResult:
     seconds: float
 
 
-def model_config_for(preset: Preset, catalog: Catalog) -> ModelConfig:
-    """The preset's model shapes with the catalog's L and K and the data's session length."""
-    return dataclasses.replace(
+def model_config_for(preset: Preset, catalog: Catalog, attributes: ItemAttributes | None = None) -> ModelConfig:
+    """The preset's model shapes with the catalog's L and K, the data's session length and, where the preset reads
+    item attributes and the data has them, the attribute table's shape."""
+    cfg = dataclasses.replace(
         preset.model, levels=catalog.levels, codes=catalog.num_codes, session_len=preset.data.session_len
     )
+    if cfg.item_attributes and attributes is not None:
+        width = max(map(len, attributes.rows), default=0)
+        if width > 0:
+            cfg = dataclasses.replace(cfg, attribute_rows=attributes.table_rows, attributes_per_item=width)
+    return cfg
+
+
+@dataclass(frozen=True)
+class ItemAttributes:
+    """Each catalogue item's attribute rows (1..table_rows-1), in the catalog's video order
+    (`onerec.data.attributes.attribute_lists`)."""
+
+    rows: list[list[int]]
+    table_rows: int
 
 
 def train(
@@ -295,6 +310,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     cluster: Cluster | None = None,
+    attributes: ItemAttributes | None = None,
 ) -> TrainResult:
     """Train with AdamW on next-token CE + aux; checkpoint each epoch; keep the best epoch's model by
     `cfg.select` (validation loss, or the validation ranking of the next items).
@@ -321,7 +337,11 @@ def train(
         if state.get("train") != to_dict(cfg):
             raise UsageError(f"--resume: checkpoint {checkpoint_dir} was trained with another config; drop --resume")
     else:
-        model, opt_state = OneRecModel(model_config_for(preset, catalog)).to(device), None
+        model, opt_state = OneRecModel(model_config_for(preset, catalog, attributes)).to(device), None
+        if model.cfg.attribute_rows > 0:
+            assert attributes is not None
+            grid = attribute_grid(catalog.sids, attributes.rows, model.cfg)  # (item_buckets, A)
+            model.set_item_attributes(torch.as_tensor(grid, device=device))
         state = {"epoch": 0, "step": 0, "best_val_loss": float("inf"), "best_epoch": -1, "history": []}
         state["train"] = to_dict(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)  # decoupled decay

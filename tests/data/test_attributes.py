@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onerec.data.attributes import load_item_attributes
+from onerec.data.attributes import attribute_lists, load_item_attributes
 from onerec.data.embeddings import ppmi_svd_embeddings
 from onerec.data.interactions import Interactions
 from onerec.data.sources import item_attributes
@@ -28,6 +28,14 @@ def test_attribute_rows_mark_the_catalogue_items_that_carry_them(tmp_path: Path)
     A = load_item_attributes(path, np.array([100, 101, 102, 999]))
     # rows: attributes 1, 2, 7 in id order; 9, carried only by 555, is dropped
     np.testing.assert_array_equal(A.toarray(), [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 1]])
+
+
+def test_attribute_lists_number_the_catalogue_items_attributes_from_one(tmp_path: Path) -> None:
+    # the same file: 555 is not in the catalogue, so its attribute 9 gets no row; 102 has none; 2 counts once
+    path = _write(tmp_path, {"100": [2, 1], "101": [2, 2], "999": [7], "555": [1, 9]})
+    rows, table_rows = attribute_lists(path, np.array([100, 101, 102, 999]))
+    assert rows == [[1, 2], [2], [], [3]]  # attributes 1, 2, 7 -> rows 1, 2, 3; row 0 is the padding
+    assert table_rows == 4
 
 
 @pytest.mark.parametrize(("payload", "message"), [
@@ -78,3 +86,26 @@ def test_sequences_find_the_attribute_file_beside_them_and_other_sources_have_no
     assert item_attributes(marker) == sibling
     assert item_attributes({"source": "movielens", "path": str(tmp_path)}) is None
     assert item_attributes({"source": "synthetic", "synthetic": {}}) is None
+
+
+def test_training_reads_the_attribute_file_only_for_a_preset_whose_model_asks(tmp_path: Path) -> None:
+    import dataclasses
+    from types import SimpleNamespace
+
+    from onerec.config import PRESETS
+    from onerec.runs import RunDir
+    from onerec.stages import train_attributes
+
+    data = tmp_path / "Toys.txt"
+    data.write_text("1 10 11\n")
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    (run.root / "prepare.json").write_text(json.dumps({"source": "sequences", "path": str(data)}))
+    catalog = SimpleNamespace(video_ids=np.array([10, 11]))
+    base = PRESETS["small-seq"]
+    reading = dataclasses.replace(base, model=dataclasses.replace(base.model, item_attributes=True))
+    assert train_attributes(run, reading, catalog) is None  # no file beside Toys.txt yet
+    _write(tmp_path, {"11": [7, 3]}, name="Toys_item2attributes.json")
+    assert train_attributes(run, base, catalog) is None  # the preset does not read them
+    found = train_attributes(run, reading, catalog)
+    assert found is not None and (found.rows, found.table_rows) == ([[], [1, 2]], 3)

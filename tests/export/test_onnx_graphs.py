@@ -16,7 +16,7 @@ from onnx import helper
 
 from export.onnx_graphs import export_graphs, torch_reshape_semantics
 from onerec.config import PRESETS
-from onerec.model.onerec import OneRecModel
+from onerec.model.onerec import OneRecModel, attribute_grid
 from onerec.serving.engine import OnnxModel, session_options
 
 CFG = PRESETS["tiny"].model
@@ -156,6 +156,27 @@ def test_encoder_with_an_item_table_exports_and_equals_torch(tmp_path):
     cross = onnx_model.encode(history.numpy(), mask.numpy())
     k, _ = model.decoder[0].cross_attn.project_kv(model.encode(history, mask))
     np.testing.assert_allclose(cross["past_key_values.0.encoder.key"].numpy(), k.numpy(), atol=1e-5)
+
+
+@torch.no_grad()
+def test_encoder_with_item_attributes_exports_them_and_equals_torch(tmp_path):
+    """The per-item attribute lists are a buffer of the encoder graph: ONNX reads the same rows as torch."""
+    cfg = dataclasses.replace(CFG, item_buckets=CFG.codes**CFG.levels, attribute_rows=5, attributes_per_item=2)
+    torch.manual_seed(4)
+    model = OneRecModel(cfg).eval()
+    history, mask = histories(4)
+    sids = history[mask].unique(dim=0).numpy()  # every item in the histories gets 1 or 2 attributes
+    model.set_item_attributes(torch.as_tensor(attribute_grid(sids, [[1 + i % 4, 1 + (i + 1) % 4][: 1 + i % 2]
+                                                                     for i in range(len(sids))], cfg)))
+    export_graphs(model, tmp_path, "fp32")
+    onnx_model = OnnxModel(tmp_path, cfg, "fp32", device="cpu")
+    cross = onnx_model.encode(history.numpy(), mask.numpy())
+    k, _ = model.decoder[0].cross_attn.project_kv(model.encode(history, mask))
+    np.testing.assert_allclose(cross["past_key_values.0.encoder.key"].numpy(), k.numpy(), atol=1e-5)
+    plain = OneRecModel(dataclasses.replace(cfg, attribute_rows=0, attributes_per_item=0)).eval()
+    plain.load_state_dict({n: t for n, t in model.state_dict().items() if "attribute" not in n})
+    k_plain, _ = plain.decoder[0].cross_attn.project_kv(plain.encode(history, mask))
+    assert not np.allclose(k_plain.numpy(), k.numpy(), atol=1e-3)  # the attributes did change the encoding
 
 
 @torch.no_grad()

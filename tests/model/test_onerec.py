@@ -8,6 +8,7 @@ import dataclasses
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from onerec.errors import UsageError
 from onerec.model.onerec import (
     DecodeState,
     OneRecModel,
+    attribute_grid,
     count_parameters,
     item_rows,
     load_model,
@@ -353,6 +355,46 @@ def test_item_table_gets_gradients_only_on_the_rows_of_real_history_items() -> N
     touched = set(torch.nonzero(model.item_table.weight.grad.abs().sum(-1)).flatten().tolist())
     real = set(item_rows(history[mask], model.cfg).tolist())
     assert touched == real
+
+
+def test_attribute_grid_lists_each_items_attributes_at_its_item_row() -> None:
+    cfg = dataclasses.replace(CFG, item_buckets=K**L, attribute_rows=6, attributes_per_item=2)
+    grid = attribute_grid(np.array([[1, 2, 3], [0, 0, 1]]), [[4, 5, 1], []], cfg)  # a list past A is cut
+    assert grid.shape == (K**L, 2)
+    assert grid[469].tolist() == [4, 5]  # (1, 2, 3) -> row 469 (worked by hand above)
+    assert np.count_nonzero(grid) == 2  # (0, 0, 1) has no attribute; no other row holds one
+
+
+@torch.no_grad()
+def test_item_attributes_add_exactly_their_rows_to_the_items_encoder_input() -> None:
+    model = make_model(item_buckets=K**L, attribute_rows=4, attributes_per_item=2)
+    assert float(model.attribute_table.weight[0].abs().sum()) == 0.0  # the padding row adds nothing
+    history, mask = make_history([5, 3], n=5, seed=41)
+    first, second = history[0, 0], history[0, 1]
+    if bool((first == second).all()):
+        second = (first + 1) % K
+        history[0, 1] = second
+    grid = attribute_grid(torch.stack([first, second]).numpy(), [[1, 3], [2]], model.cfg)
+    inputs: list[torch.Tensor] = []
+    hook = model.drop.register_forward_hook(lambda module, args, out: inputs.append(args[0]))
+    model.encode(history, mask)  # all attribute rows 0: the plain input
+    model.set_item_attributes(torch.as_tensor(grid))
+    model.encode(history, mask)
+    hook.remove()
+    table = model.attribute_table.weight
+    expected = torch.zeros_like(inputs[0])
+    for b in range(2):
+        for n in range(int(mask[b].sum())):
+            if bool((history[b, n] == first).all()):
+                expected[b, n] = table[1] + table[3]
+            elif bool((history[b, n] == second).all()):
+                expected[b, n] = table[2]
+    real = mask[..., None].to(expected.dtype)  # padded slots read code 0's row: masked out of attention anyway
+    torch.testing.assert_close((inputs[1] - inputs[0]) * real, expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="must lie in"):
+        model.set_item_attributes(torch.full_like(model.item_attribute_ids, 4))
+    with pytest.raises(ValueError, match="needs item_buckets"):
+        OneRecModel(dataclasses.replace(CFG, attribute_rows=4, attributes_per_item=2))
 
 
 def test_node_rows_are_the_path_in_base_k_past_a_level_offset_and_a_bijection_over_every_trie_node() -> None:

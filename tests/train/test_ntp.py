@@ -270,6 +270,29 @@ def test_training_a_node_table_model_moves_the_rows_of_trained_prefixes_only(tin
     assert int((norms[unused] == 0).sum()) >= cfg.node_buckets - (cfg.codes + cfg.codes**2 + cfg.codes**3)
 
 
+def test_a_model_reading_item_attributes_saves_each_items_attributes_at_its_row(tiny_run: Path, tmp_path: Path):
+    """ModelConfig.item_attributes: training sizes the attribute table from the items' lists, puts each catalogue
+    item's list (zero-padded) at its per-item row, and the saved model keeps both; without attributes (a source
+    with no file) the same preset trains the plain model."""
+    from onerec.model.onerec import item_rows, load_model
+
+    catalog, train, val = _data(tiny_run)
+    base = PRESETS["tiny"]
+    model_cfg = dataclasses.replace(base.model, item_buckets=base.model.codes**base.model.levels, item_attributes=True)
+    preset = dataclasses.replace(base, model=model_cfg, train=dataclasses.replace(base.train, epochs=1))
+    lists = [[1 + i % 3] if i % 2 else [1 + i % 3, 4] for i in range(catalog.num_items)]  # 1 or 2 of rows 1..4
+    ntp.train(preset, catalog, train, val, tmp_path / "ckpt", tmp_path / "best", progress=False,
+              attributes=ntp.ItemAttributes(rows=lists, table_rows=5))
+    model = load_model(tmp_path / "best")
+    assert (model.cfg.attribute_rows, model.cfg.attributes_per_item) == (5, 2)
+    rows = item_rows(torch.from_numpy(catalog.sids.astype(np.int64)), model.cfg)  # (N,) unique SIDs: distinct
+    expected = torch.tensor([values + [0] * (2 - len(values)) for values in lists])
+    torch.testing.assert_close(model.item_attribute_ids[rows], expected)
+    assert float(model.attribute_table.weight[1:].norm()) > 0 and float(model.attribute_table.weight[0].norm()) == 0
+    ntp.train(preset, catalog, train, val, tmp_path / "ckpt2", tmp_path / "plain", progress=False)
+    assert load_model(tmp_path / "plain").attribute_table is None
+
+
 def test_position_targets_shift_the_history_and_pad_with_minus_one():
     history = torch.tensor([[[1, 1], [2, 2], [3, 3]], [[4, 4], [0, 0], [0, 0]]])  # (B=2, N=3, L=2) most recent first
     mask = torch.tensor([[True, True, True], [True, False, False]])

@@ -1,5 +1,5 @@
 """Acceptance on real data: MovieLens 100K through the whole offline pipeline with the defaults beats item-kNN and
-stays within 10% of EASE, both computed here on the same split, users, exclusions and metric code."""
+stays within 5% of EASE, both computed here on the same split, users, exclusions and metric code."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def test_small_preset_beats_itemknn_and_nears_ease_on_ml100k(tmp_path: Path):
         peer = result["popular"] if name == "popular" else baselines[name]
         for metric in ("recall@5", "ndcg@5"):
             assert result["model"][metric] > peer[metric], (name, metric, result["model"], peer)
-    # EASE: beaten on one thread (seeds 0 and 1, docs/QUALITY.md) but not on every machine (CI, 2 threads: R@5
-    # 0.0715 vs 0.0739), so issue 14's "beats EASE" is not asserted yet; this bound catches a regression
+    # EASE: beaten on the mean of three seeds (R@5 +4%, N@5 +7%, docs/QUALITY.md) and by seeds 0 and 2, not by
+    # seed 1 (R@5 0.0713 vs 0.0739): one run does not beat it surely, so issue 14's "beats EASE" is not asserted
+    # yet; this bound (seed 1 is at 0.965) catches a regression
     for metric in ("recall@5", "ndcg@5"):
-        assert result["model"][metric] > 0.9 * baselines["ease"][metric], (metric, result["model"], baselines)
+        assert result["model"][metric] > 0.95 * baselines["ease"][metric], (metric, result["model"], baselines)

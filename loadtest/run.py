@@ -95,7 +95,14 @@ def start_locust(command: list[str], out_dir: Path) -> subprocess.Popen[Any]:
     log.info("running %s", " ".join(command))
     with (out_dir / "locust.log").open("w") as output:
         return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                                env=locust_env(), start_new_session=True)
+                                env=locust_env(), start_new_session=True, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default. A parent started in the background of a script ignores
+    SIGINT, the child would inherit that, and `stop_group`'s SIGINT (locust's graceful stop, which writes the
+    records) would do nothing until SIGTERM killed it writing nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_locust(command: list[str], out_dir: Path, timeout_s: float) -> None:

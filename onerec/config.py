@@ -80,7 +80,8 @@ class ModelConfig:
     # attribute file, e.g. Amazon's brand/category ids; sources without one ignore it), looked up through the
     # per-item rows (needs item_buckets > 0). `attribute_rows` and `attributes_per_item` are set by training from
     # the file (0 = off): rows of the attribute table (distinct attributes + a zero padding row 0) and the width
-    # of the per-item attribute list
+    # of the per-item attribute list. The lists are fixed at training (part of the weights and the exported
+    # encoder): an item `catalog add` brings later reads none, as its per-item row is zero too
     item_attributes: bool = False
     attribute_rows: int = 0
     attributes_per_item: int = 0

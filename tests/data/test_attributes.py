@@ -102,8 +102,9 @@ def test_training_reads_the_attribute_file_only_for_a_preset_whose_model_asks(tm
     run.root.mkdir()
     (run.root / "prepare.json").write_text(json.dumps({"source": "sequences", "path": str(data)}))
     catalog = SimpleNamespace(video_ids=np.array([10, 11]))
-    base = PRESETS["small-seq"]
-    reading = dataclasses.replace(base, model=dataclasses.replace(base.model, item_attributes=True))
+    seq = PRESETS["small-seq"]
+    base = dataclasses.replace(seq, model=dataclasses.replace(seq.model, item_attributes=False))
+    reading = dataclasses.replace(seq, model=dataclasses.replace(seq.model, item_attributes=True))
     assert train_attributes(run, reading, catalog) is None  # no file beside Toys.txt yet
     _write(tmp_path, {"11": [7, 3]}, name="Toys_item2attributes.json")
     assert train_attributes(run, base, catalog) is None  # the preset does not read them

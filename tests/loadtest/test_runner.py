@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 import time
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.run import LoadTestError, check_reachable, main, run_loadtest, run_locust
+from loadtest.run import LoadTestError, check_reachable, main, run_loadtest, run_locust, start_locust, stop_group
 
 
 def test_run_locust_stops_a_process_past_its_bound(tmp_path: Path):
@@ -17,6 +18,18 @@ def test_run_locust_stops_a_process_past_its_bound(tmp_path: Path):
     with pytest.raises(LoadTestError, match="ran past 0.5 s"):
         run_locust([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path, timeout_s=0.5)
     assert time.monotonic() - start < 10
+
+
+def test_the_graceful_sigint_reaches_locust_even_from_a_parent_that_ignores_it(tmp_path: Path):
+    """A parent started in a script's background ignores SIGINT; the child gets it back at its default, so
+    stop_group's first signal (locust's graceful stop) ends it instead of the SIGTERM after TERM_WAIT_S."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        process = start_locust([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    stop_group(process)
+    assert process.returncode in (-signal.SIGINT, 1)  # killed by SIGINT, or KeyboardInterrupt's exit status
 
 
 def test_run_locust_reports_a_failed_exit_with_its_output(tmp_path: Path):

@@ -68,16 +68,12 @@ def load_item_attributes(path: Path, video_ids: np.ndarray) -> sp.csr_matrix:
 
 
 def attribute_lists(path: Path, video_ids: np.ndarray) -> tuple[list[list[int]], int]:
-    """Each of `video_ids`' attributes from a JSON object {"item id": [attribute id, ...]} as rows 1..A (0 is left
-    for padding; in ascending attribute id, only the attributes some catalogue item carries), and A + 1,
-    the rows an embedding table of them needs. Items absent from the file get []."""
-    raw = read_item_attributes(path)
-    lists = [sorted(set(raw.get(int(v), []))) for v in np.asarray(video_ids, dtype=np.int64)]
-    ids = sorted({a for values in lists for a in values})
-    row = {a: i + 1 for i, a in enumerate(ids)}
-    log.info("item attributes: %d attributes on %d of %d items, at most %d per item (%s)", len(ids),
-             sum(1 for values in lists if values), len(lists), max(map(len, lists), default=0), Path(path).name)
-    return [[row[a] for a in values] for values in lists], len(ids) + 1
+    """Each of `video_ids`' attributes as rows 1..A of an embedding table (0 is left for padding): the rows of
+    `load_item_attributes`' (A, N) matrix plus one, in ascending attribute id; and A + 1, the table's rows. Items
+    absent from the file get []."""
+    by_item = load_item_attributes(path, video_ids).tocsc()  # (A, N): column i holds item i's attributes, sorted
+    rows = [(by_item.indices[by_item.indptr[i]:by_item.indptr[i + 1]] + 1).tolist() for i in range(by_item.shape[1])]
+    return rows, by_item.shape[0] + 1
 
 
 def read_movielens_items(path: Path) -> dict[int, list[str]]:

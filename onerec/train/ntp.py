@@ -278,6 +278,15 @@ class TrainResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class ItemAttributes:
+    """Each catalogue item's attribute rows (1..table_rows-1), in the catalog's video order
+    (`onerec.data.attributes.attribute_lists`)."""
+
+    rows: list[list[int]]
+    table_rows: int
+
+
 def model_config_for(preset: Preset, catalog: Catalog, attributes: ItemAttributes | None = None) -> ModelConfig:
     """The preset's model shapes with the catalog's L and K, the data's session length and, where the preset reads
     item attributes and the data has them, the attribute table's shape."""
@@ -289,15 +298,6 @@ def model_config_for(preset: Preset, catalog: Catalog, attributes: ItemAttribute
         if width > 0:
             cfg = dataclasses.replace(cfg, attribute_rows=attributes.table_rows, attributes_per_item=width)
     return cfg
-
-
-@dataclass(frozen=True)
-class ItemAttributes:
-    """Each catalogue item's attribute rows (1..table_rows-1), in the catalog's video order
-    (`onerec.data.attributes.attribute_lists`)."""
-
-    rows: list[list[int]]
-    table_rows: int
 
 
 def train(

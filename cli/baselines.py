@@ -24,13 +24,15 @@ def baselines(
     limit: LimitOption = None,
     sasrec_epochs: Annotated[int | None, typer.Option(help="SASRec: at most this many epochs (early stopping).")
                              ] = None,
+    sasrec_seed: Annotated[int | None, typer.Option(help="SASRec: this seed instead of 0 (initialisation, batches, "
+                                                 "dropout), to measure its run-to-run spread.")] = None,
     device: Annotated[str, typer.Option(help="SASRec's device: auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Train the classic baselines on the run's training positives and score them on the held-out split with the
     same users, history exclusion, full-catalogue ranking and metric code as `onerec evaluate`."""
     names = [n.strip() for n in only.split(",") if n.strip()] if only else None
     results = stages.baselines(RunDir(run_dir), split.value, only=names, limit=limit, device=device,
-                               sasrec_epochs=sasrec_epochs, progress=progress())
+                               sasrec_epochs=sasrec_epochs, sasrec_seed=sasrec_seed, progress=progress())
     if as_json:
         typer.echo(json.dumps(results))
         return

@@ -414,11 +414,13 @@ def align(run: RunDir, cfg: AlignConfig, device: str = "auto", out: Path | None 
 
 
 def baselines(run: RunDir, split: str = "test", only: list[str] | None = None, limit: int | None = None,
-              device: str = "auto", sasrec_epochs: int | None = None, progress: bool = False) -> dict[str, dict]:
+              device: str = "auto", sasrec_epochs: int | None = None, sasrec_seed: int | None = None,
+              progress: bool = False) -> dict[str, dict]:
     """Most popular, item-kNN, EASE and SASRec+ trained on the run's training positives and scored on the held-out
     `split` exactly as `evaluate` scores the model (same users, history excluded, full catalogue, same metric code):
     {"popular": {"recall@5", "ndcg@5", "recall@10", "ndcg@10", "seconds"}, ...}. SASRec stops early on the
-    validation split. Writes RUN/baselines.json; needs only `prepare`. `only` picks some of the four."""
+    validation split. Writes RUN/baselines.json; needs only `prepare`. `only` picks some of the four; `sasrec_seed`
+    replaces SASRec's seed (initialisation, batches, dropout) to measure its run-to-run spread."""
     from onerec.baselines.protocol import held_out, train_matrix
     from onerec.baselines.sasrec import SASRecConfig
     from onerec.baselines.suite import BaselinesConfig, check_names, run_baselines
@@ -436,7 +438,7 @@ def baselines(run: RunDir, split: str = "test", only: list[str] | None = None, l
     if sasrec_epochs is not None and sasrec_epochs < 1:
         raise UsageError(f"--sasrec-epochs: must be >= 1, got {sasrec_epochs}")
     dev = resolve_device(device)
-    sasrec_cfg = _override(SASRecConfig(device=str(dev)), max_epochs=sasrec_epochs)
+    sasrec_cfg = _override(SASRecConfig(device=str(dev)), max_epochs=sasrec_epochs, seed=sasrec_seed)
     data = train_matrix(Interactions.load(run.interactions), Interactions.load(run.train_interactions))
     try:
         users = held_out(Sessions.load(run.sessions(split)), data, limit=limit)

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from onerec.config import ModelConfig, from_dict, save_json, to_dict
 from onerec.errors import UsageError
@@ -184,6 +185,13 @@ class OneRecModel(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.register_buffer("level_offsets", torch.arange(L) * K, persistent=False)  # (L,)
         self.reset_parameters()
+        self.attribute_out = None  # built after the others' initialisation: their weights stay what they were
+        if cfg.node_attributes and self.attribute_table is not None and self.node_table is not None:
+            self.attribute_out = nn.Embedding(cfg.attribute_rows, D, padding_idx=0)
+            nn.init.zeros_(self.attribute_out.weight)
+            # (node_buckets,) the per-item row of the item whose SID ends at each node row; item_buckets = none
+            self.register_buffer("node_item_rows", torch.full((cfg.node_buckets,), cfg.item_buckets,
+                                                              dtype=torch.long))
 
     def reset_parameters(self) -> None:
         """Normal(0, 0.02) for embeddings, linears and heads; zero biases; LayerNorms at identity.
@@ -210,6 +218,8 @@ class OneRecModel(nn.Module):
                 self.attribute_table.weight[0].zero_()  # the padding row: no attribute adds nothing
         if self.node_table is not None:
             nn.init.normal_(self.node_table.weight, std=self.cfg.node_init_std)  # std 0: zeros
+        if getattr(self, "attribute_out", None) is not None:  # zero: the node rows start as without attributes
+            nn.init.zeros_(self.attribute_out.weight)
         if not self.cfg.level_heads:  # fixed at zero: the node rows alone score the codes
             nn.init.zeros_(self.heads.weight)
             nn.init.zeros_(self.heads.bias)
@@ -235,8 +245,10 @@ class OneRecModel(nn.Module):
             x = layer(x, bias)
         return self.enc_norm(x)
 
-    def set_item_attributes(self, grid: Tensor) -> None:
-        """grid (item_buckets, A) long: the attribute-table rows of the item at each per-item row (`attribute_grid`)."""
+    def set_item_attributes(self, grid: Tensor, sids: Tensor | None = None) -> None:
+        """grid (item_buckets, A) long: the attribute-table rows of the item at each per-item row (`attribute_grid`).
+        With cfg.node_attributes also the catalogue's sids (N, L): each one's last-level node row reads its item's
+        attributes on the output side."""
         if self.attribute_table is None:
             raise ValueError("set_item_attributes needs a model with cfg.attribute_rows > 0")
         if tuple(grid.shape) != tuple(self.item_attribute_ids.shape):
@@ -244,6 +256,14 @@ class OneRecModel(nn.Module):
         if int(grid.min()) < 0 or int(grid.max()) >= self.cfg.attribute_rows:
             raise ValueError(f"attribute grid rows must lie in [0, {self.cfg.attribute_rows})")
         self.item_attribute_ids.copy_(grid)
+        if self.attribute_out is not None:
+            if sids is None:
+                raise ValueError("a model with cfg.node_attributes needs the catalogue's sids (N, L)")
+            sids = sids.to(self.node_item_rows.device).long()[None]  # (1, N, L)
+            last = node_rows(target_prefixes(sids, self.cfg)[..., -1], sids[..., -1], self.node_offsets[-1],
+                             self.cfg)[0]  # (N,) the node row that ends each SID
+            self.node_item_rows.fill_(self.cfg.item_buckets)
+            self.node_item_rows[last] = item_rows(sids, self.cfg)[0]
 
     # ---- teacher forcing -----------------------------------------------------------------------------
 
@@ -319,7 +339,12 @@ class OneRecModel(nn.Module):
     def node_logits(self, h: Tensor, rows: Tensor) -> Tensor:
         """h (*, D), rows (*, C) of the node table -> (*, C): h . Node[row] + bias[row]."""
         assert self.node_table is not None and self.node_bias is not None
-        vectors = self.node_table(rows)  # (*, C, D)
+        weight = self.node_table.weight  # (node_buckets, D)
+        if self.attribute_out is not None:  # + sum_a AttrOut[a] of the item a node row ends, 0 elsewhere
+            per_item = self.attribute_out(self.item_attribute_ids).sum(dim=-2)  # (item_buckets, D)
+            per_item = torch.cat([per_item, per_item.new_zeros(1, per_item.shape[1])])  # row item_buckets: none
+            weight = weight + per_item[self.node_item_rows]
+        vectors = F.embedding(rows, weight)  # (*, C, D)
         return torch.matmul(vectors, h.unsqueeze(-1)).squeeze(-1) + self.node_bias[rows]
 
     def _check_targets(self, targets: Tensor) -> None:

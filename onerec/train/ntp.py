@@ -341,7 +341,7 @@ def train(
         if model.cfg.attribute_rows > 0:
             assert attributes is not None
             grid = attribute_grid(catalog.sids, attributes.rows, model.cfg)  # (item_buckets, A)
-            model.set_item_attributes(torch.as_tensor(grid, device=device))
+            model.set_item_attributes(torch.as_tensor(grid, device=device), torch.as_tensor(catalog.sids))
         state = {"epoch": 0, "step": 0, "best_val_loss": float("inf"), "best_epoch": -1, "history": []}
         state["train"] = to_dict(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)  # decoupled decay

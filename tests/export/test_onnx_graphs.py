@@ -222,3 +222,33 @@ def test_causal_encoder_exports_and_equals_torch_at_another_history_length(tmp_p
         real = mask[:, None, :, None].expand_as(k)  # padded positions' states are never read
         got_k = torch.from_numpy(cross[f"past_key_values.{i}.encoder.key"].numpy())
         np.testing.assert_allclose(got_k[real].numpy(), k[real].numpy(), atol=1e-5)
+
+
+@torch.no_grad()
+def test_decoder_with_node_attributes_exports_them_and_equals_torch(tmp_path):
+    """The output-side attributes (ModelConfig.node_attributes) are buffers and a table of the decoder graph: its
+    steps equal torch's decode_step, and the attributes do move the logits."""
+    from export.verify import logit_gap
+
+    cfg = dataclasses.replace(CFG, item_buckets=CFG.codes**CFG.levels, node_buckets=1024, attribute_rows=5,
+                              attributes_per_item=2, node_attributes=True)
+    torch.manual_seed(8)
+    model = OneRecModel(cfg).eval()
+    torch.nn.init.normal_(model.node_table.weight)
+    torch.nn.init.normal_(model.attribute_out.weight)
+    history, mask = histories(6)
+    sids = history[mask].unique(dim=0)
+    lists = [[1 + i % 4, 1 + (i + 1) % 4][: 1 + i % 2] for i in range(len(sids))]
+    model.set_item_attributes(torch.as_tensor(attribute_grid(sids.numpy(), lists, cfg)), sids)
+    export_graphs(model, tmp_path, "fp32")
+    onnx_model = OnnxModel(tmp_path, cfg, "fp32", device="cpu")
+    rows = [history[b, : int(mask[b].sum())].numpy() for b in range(len(history))]
+    assert logit_gap(model, onnx_model, rows, beams=4) < 1e-4
+    plain = OneRecModel(cfg).eval()
+    plain.load_state_dict(model.state_dict())
+    torch.nn.init.zeros_(plain.attribute_out.weight)
+    target = sids[:1, None]  # (1, 1, L): an item with attributes, teacher-forced
+    ours = model(history[:1], mask[:1], target).logits[0, 0, -1]  # (K,) its last level
+    theirs = plain(history[:1], mask[:1], target).logits[0, 0, -1]
+    moved = (ours - theirs).abs() > 1e-4
+    assert bool(moved[sids[0, -1]]) and int(moved.sum()) <= int((sids[:, :-1] == sids[0, :-1]).all(-1).sum())

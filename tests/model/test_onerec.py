@@ -540,3 +540,30 @@ def test_without_level_heads_the_node_rows_alone_score_and_the_heads_never_train
     torch.manual_seed(0)
     fresh = OneRecModel(dataclasses.replace(CFG, node_buckets=NODE_BUCKETS, node_init_std=0.125))
     assert 0.1 < float(fresh.node_table.weight.detach().std()) < 0.15  # node_init_std: random rows instead of zeros
+
+
+@torch.no_grad()
+def test_node_attributes_add_the_items_attribute_vectors_to_the_node_row_its_sid_ends_at() -> None:
+    """node_logits(h, row) = h . (Node[row] + sum_a AttrOut[a]) + bias[row] for the node row that ends an item's
+    SID, and h . Node[row] + bias[row] for every other row; the table starts at zero."""
+    model = make_model(item_buckets=K**L, node_buckets=NODE_BUCKETS, attribute_rows=4, attributes_per_item=2,
+                       node_attributes=True)
+    assert float(model.attribute_out.weight.abs().sum()) == 0.0
+    sids = torch.tensor([[1, 2, 3], [4, 0, 5]])
+    grid = attribute_grid(sids.numpy(), [[1, 3], [2]], model.cfg)
+    with pytest.raises(ValueError, match="sids"):
+        model.set_item_attributes(torch.as_tensor(grid))
+    model.set_item_attributes(torch.as_tensor(grid), sids)
+    model.attribute_out.weight.normal_()
+    model.attribute_out.weight[0].zero_()
+    offset = model.node_offsets[L - 1]
+    prefix = target_prefixes(sids[None], model.cfg)[0, :, -1]  # (2,)
+    ends = node_rows(prefix, sids[:, -1], offset, model.cfg)  # (2,) the node rows the two SIDs end at
+    other = node_rows(prefix[:1], (sids[:1, -1] + 1) % K, offset, model.cfg)  # a sibling with no item
+    h = torch.randn(3, model.cfg.d_model)
+    got = model.node_logits(h, torch.cat([ends, other])[:, None])[:, 0]  # (3,)
+    table, extra, bias = model.node_table.weight, model.attribute_out.weight, model.node_bias
+    want = torch.stack([h[0] @ (table[ends[0]] + extra[1] + extra[3]) + bias[ends[0]],
+                        h[1] @ (table[ends[1]] + extra[2]) + bias[ends[1]],
+                        h[2] @ table[other[0]] + bias[other[0]]])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -322,3 +322,25 @@ def test_all_positions_trains_a_causal_model_and_refuses_a_bidirectional_one(tin
     wrong = dataclasses.replace(preset, model=base.model)
     with pytest.raises(UsageError, match="causal_encoder"):
         ntp.train(wrong, catalog, train, val, tmp_path / "ckpt2", tmp_path / "best2", progress=False)
+
+
+def test_node_attributes_train_and_the_saved_model_maps_each_items_last_node_to_its_row(tiny_run: Path,
+                                                                                      tmp_path: Path):
+    """ModelConfig.node_attributes: training hands the catalogue's SIDs to the model, every item's last-level node
+    row points at its per-item row (the others at none), and the output-side table learns."""
+    from onerec.model.onerec import item_rows, load_model, node_rows, target_prefixes
+
+    catalog, train, val = _data(tiny_run)
+    base = PRESETS["tiny"]
+    model_cfg = dataclasses.replace(base.model, item_buckets=base.model.codes**base.model.levels, node_buckets=1024,
+                                    item_attributes=True, node_attributes=True)
+    preset = dataclasses.replace(base, model=model_cfg, train=dataclasses.replace(base.train, epochs=1))
+    lists = [[1 + i % 3] for i in range(catalog.num_items)]
+    ntp.train(preset, catalog, train, val, tmp_path / "ckpt", tmp_path / "best", progress=False,
+              attributes=ntp.ItemAttributes(rows=lists, table_rows=4))
+    model = load_model(tmp_path / "best")
+    sids = torch.from_numpy(catalog.sids.astype(np.int64))[None]  # (1, N, L)
+    ends = node_rows(target_prefixes(sids, model.cfg)[..., -1], sids[..., -1], model.node_offsets[-1], model.cfg)[0]
+    torch.testing.assert_close(model.node_item_rows[ends], item_rows(sids, model.cfg)[0])
+    assert int((model.node_item_rows != model.cfg.item_buckets).sum()) == catalog.num_items
+    assert float(model.attribute_out.weight[1:].norm()) > 0 and float(model.attribute_out.weight[0].norm()) == 0

@@ -205,7 +205,7 @@ PRESETS: dict[str, Preset] = {
     # (SASRec's setting for Beauty; 0.2 overfit after epoch 4), 16 epochs (the test split still gains from 12 to 16,
     # not from 16 to 20); the items' attributes (Amazon's brand/category ids) in the encoder input and weight decay
     # 0.1 (Toys +5%, Beauty the same), and on the output side, in the node row that ends each item's SID (Beauty
-    # +4-6% on both seeds). Test R@5 / N@5, Beauty two seeds 0.0599 / 0.0435 and 0.0621 / 0.0454: above TIGER's
+    # +1-6% per metric and seed). Test R@5 / N@5, Beauty two seeds 0.0599 / 0.0435 and 0.0621 / 0.0454: above TIGER's
     # published rows, EASE and the in-project SASRec (0.0587 / 0.0430) on all four metrics (docs/QUALITY.md)
     "small-seq": Preset(
         name="small-seq",

@@ -339,13 +339,32 @@ class OneRecModel(nn.Module):
     def node_logits(self, h: Tensor, rows: Tensor) -> Tensor:
         """h (*, D), rows (*, C) of the node table -> (*, C): h . Node[row] + bias[row]."""
         assert self.node_table is not None and self.node_bias is not None
-        weight = self.node_table.weight  # (node_buckets, D)
-        if self.attribute_out is not None:  # + sum_a AttrOut[a] of the item a node row ends, 0 elsewhere
-            per_item = self.attribute_out(self.item_attribute_ids).sum(dim=-2)  # (item_buckets, D)
-            per_item = torch.cat([per_item, per_item.new_zeros(1, per_item.shape[1])])  # row item_buckets: none
-            weight = weight + per_item[self.node_item_rows]
-        vectors = F.embedding(rows, weight)  # (*, C, D)
+        vectors = F.embedding(rows, self.node_weight())  # (*, C, D)
         return torch.matmul(vectors, h.unsqueeze(-1)).squeeze(-1) + self.node_bias[rows]
+
+    def node_weight(self) -> Tensor:
+        """(node_buckets, D): the node table, plus with cfg.node_attributes sum_a AttrOut[a] of the item each node
+        row ends (0 for rows that end none). At inference (eval mode, no grad, not exporting) the sum is kept and
+        reused until one of the tensors it reads changes (in place or replaced): decoding pays for it once."""
+        assert self.node_table is not None
+        if self.attribute_out is None:
+            return self.node_table.weight
+        if (self.training or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+                or torch.compiler.is_compiling()):
+            return self._node_weight()
+        sources = (self.node_table.weight, self.attribute_out.weight, self.item_attribute_ids, self.node_item_rows)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        cached = self.__dict__.get("_node_weight_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self._node_weight())
+            self.__dict__["_node_weight_cache"] = cached  # a plain attribute: not in state_dict, not moved by .to()
+        return cached[1]
+
+    def _node_weight(self) -> Tensor:
+        assert self.node_table is not None and self.attribute_out is not None
+        per_item = self.attribute_out(self.item_attribute_ids).sum(dim=-2)  # (item_buckets, D)
+        per_item = torch.cat([per_item, per_item.new_zeros(1, per_item.shape[1])])  # row item_buckets: none
+        return self.node_table.weight + per_item[self.node_item_rows]  # (node_buckets, D)
 
     def _check_targets(self, targets: Tensor) -> None:
         if targets.dim() != 3 or targets.shape[-1] != self.cfg.levels:

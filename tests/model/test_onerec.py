@@ -567,3 +567,34 @@ def test_node_attributes_add_the_items_attribute_vectors_to_the_node_row_its_sid
                         h[1] @ (table[ends[1]] + extra[2]) + bias[ends[1]],
                         h[2] @ table[other[0]] + bias[other[0]]])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_node_weight_is_kept_at_inference_and_follows_every_change_of_what_it_reads() -> None:
+    """In eval mode without grad node_weight() is computed once and reused; an in-place change of the node table,
+    the attribute table or the grid, and a load_state_dict, each give the sum of the new values; training (or
+    grad) never reads the kept one."""
+    model = make_model(item_buckets=K**L, node_buckets=NODE_BUCKETS, attribute_rows=4, attributes_per_item=2,
+                       node_attributes=True).eval()
+    sids = torch.tensor([[1, 2, 3], [4, 0, 5]])
+    with torch.no_grad():
+        model.set_item_attributes(torch.as_tensor(attribute_grid(sids.numpy(), [[1, 3], [2]], model.cfg)), sids)
+        model.attribute_out.weight.normal_()
+        first = model.node_weight()
+        assert model.node_weight() is first  # kept
+        torch.testing.assert_close(first, model._node_weight(), rtol=0, atol=0)
+        for change in (lambda: model.attribute_out.weight.add_(0.5), lambda: model.node_table.weight.mul_(2.0),
+                       lambda: model.item_attribute_ids.copy_(model.item_attribute_ids.flip(0))):
+            before = model.node_weight()
+            change()
+            after = model.node_weight()
+            assert after is not before
+            assert not torch.equal(after, before)
+            torch.testing.assert_close(after, model._node_weight(), rtol=0, atol=0)
+        other = make_model(item_buckets=K**L, node_buckets=NODE_BUCKETS, attribute_rows=4, attributes_per_item=2,
+                           node_attributes=True)
+        other.attribute_out.weight.normal_()
+        other.set_item_attributes(torch.as_tensor(attribute_grid(sids.numpy(), [[2], [1, 3]], model.cfg)), sids)
+        model.load_state_dict(other.state_dict())
+        torch.testing.assert_close(model.node_weight(), other._node_weight(), rtol=0, atol=0)
+    model.train()
+    assert model.node_weight().requires_grad  # training builds it from the parameters, with grad

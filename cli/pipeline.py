@@ -94,7 +94,8 @@ def train(
     nproc: Annotated[int, typer.Option(help="Train data-parallel in N processes on this machine: launches torchrun "
         "(DDP, gloo on the CPU, nccl on GPUs); --batch-size stays the global batch.")] = 1,
 ) -> None:
-    """Next-token training on the train sessions; keeps the best model by validation loss in RUN/model. Also runs
+    """Next-token training on the train sessions; keeps the epoch best by the preset's validation measure
+    (validation loss, or NDCG@10 / Recall@10 of generated answers) in RUN/model. Also runs
     under `torchrun --nproc-per-node N -m cli train ...` (rank 0 writes the checkpoints, the model and train.json)."""
     if nproc < 1:
         raise UsageError(f"--nproc: must be at least 1, got {nproc}")

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # torch and the recipes are imported inside the stages: impor
     from onerec.align.ipa import AlignConfig, IterationResult
     from onerec.eval import EvalResult
     from onerec.tokenizer.catalog import Catalog
-    from onerec.train.ntp import ItemAttributes
+    from onerec.train.ntp import ItemAttributes, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -252,9 +252,19 @@ def train(run: RunDir, preset: str | None = None, epochs: int | None = None, lr:
                   "processes": cluster.world_size}
         if cluster.is_main:
             run.complete("train", marker)
-            log.info("train: best epoch %d val_loss %.4f in %.0fs -> %s", result.best_epoch, result.best_val_loss,
-                     result.seconds, run.model)
+            log.info("train: best epoch %d (%s) in %.0fs -> %s", result.best_epoch,
+                     selection_summary(result, train_cfg.select), result.seconds, run.model)
     return Completed(marker)
+
+
+def selection_summary(result: TrainResult, select: str) -> str:
+    """What picked the best epoch, for the log: "val_loss 4.4302", or "val ndcg@10 0.0563, val_loss 4.4302"."""
+    loss = f"val_loss {result.best_val_loss:.4f}"
+    if select == "val_loss":
+        return loss
+    best = next((h for h in result.history if h.get("epoch") == result.best_epoch), {})
+    value = best.get(f"val_{select}")
+    return f"val {select} {value:.4f}, {loss}" if isinstance(value, float) else loss
 
 
 def train_attributes(run: RunDir, preset: Preset, catalog: Catalog) -> ItemAttributes | None:

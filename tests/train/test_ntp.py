@@ -344,3 +344,16 @@ def test_node_attributes_train_and_the_saved_model_maps_each_items_last_node_to_
     torch.testing.assert_close(model.node_item_rows[ends], item_rows(sids, model.cfg)[0])
     assert int((model.node_item_rows != model.cfg.item_buckets).sum()) == catalog.num_items
     assert float(model.attribute_out.weight[1:].norm()) > 0 and float(model.attribute_out.weight[0].norm()) == 0
+
+
+def test_the_train_log_names_the_measure_that_picked_the_epoch() -> None:
+    """stages.selection_summary: the selected epoch's validation measure beside its loss; loss alone for
+    select = "val_loss" or when the history lacks the measure."""
+    from onerec.stages import selection_summary
+    from onerec.train.ntp import TrainResult
+
+    history = [{"epoch": 1, "val_loss": 4.0, "val_ndcg@10": 0.01}, {"epoch": 2, "val_loss": 4.5, "val_ndcg@10": 0.05}]
+    result = TrainResult(best_val_loss=4.5, best_epoch=2, history=history, seconds=1.0)
+    assert selection_summary(result, "ndcg@10") == "val ndcg@10 0.0500, val_loss 4.5000"
+    assert selection_summary(result, "val_loss") == "val_loss 4.5000"
+    assert selection_summary(result, "recall@10") == "val_loss 4.5000"
